@@ -1,0 +1,32 @@
+# The two commands of the README:  make demo  (set up + run the quickstart pipeline)
+#                                  make test  (set up + run the test suite)
+PYTHON ?= python3
+CONFIG ?= configs/quickstart.yaml
+export RAY_USAGE_STATS_ENABLED = 0
+STAMP := .setup.stamp
+
+.PHONY: setup demo test lint bench clean
+
+$(STAMP): pyproject.toml scripts/install-system-deps.sh
+	bash scripts/install-system-deps.sh
+	$(PYTHON) -m pip install --quiet --disable-pip-version-check -e ".[dev]"
+	$(PYTHON) -c "import torch, torchvision; torchvision.ops.nms(torch.zeros(1, 4), torch.zeros(1), 0.5)" \
+	  || { echo "error: torch $$($(PYTHON) -c 'import torch; print(torch.__version__)') cannot load torchvision; reinstall the pinned pair: pip install --force-reinstall torch==2.14.1 torchvision==0.29.1"; exit 1; }
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	$(PYTHON) -m specdistill.cli run --config $(CONFIG)
+
+test: setup
+	$(PYTHON) -m pytest
+
+lint: setup
+	$(PYTHON) -m ruff check .
+
+bench: setup
+	for script in benchmarks/bench_*.py; do $(PYTHON) $$script || exit 1; done
+
+clean:
+	rm -rf runs $(STAMP)

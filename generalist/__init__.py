@@ -1,0 +1,1 @@
+"""Stage 1: one model trained on every class (the paper's generalist)."""

@@ -1,0 +1,122 @@
+"""Stage 1: train the generalist and write what the later stages read.
+
+    python -m generalist.train --config configs/quickstart.yaml [--set generalist.train.epochs=3]
+
+Writes ``<run>/generalist/``: ``model.safetensors``, ``meta.json`` (architecture, classes, metrics),
+``preds-val.npy`` / ``preds-test.npy`` (log-probabilities: held-out feeds clustering, test feeds
+the final evaluation), ``labels-*.npy``, ``class-examples.npy`` (one held-out image per class, for
+pictures), ``metrics.jsonl`` and ``done.json``.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from specdistill.artifacts import is_done, mark_done, read_json, write_json, write_npy
+from specdistill.cli import config_from_args, prepare_run_dir, setup_environment, stage_parser
+from specdistill.config import Config, stage_hash
+from specdistill.data import Dataset, load_data
+from specdistill.data.loading import BatchAugment, train_loader
+from specdistill.engine import evaluate, fit, predict_log_probs, resolve_device
+from specdistill.errors import exit_on_error
+from specdistill.models import build_model, count_flops, save_classifier
+
+
+def class_examples(dataset: Dataset) -> np.ndarray:
+    """One held-out image per class (train if the class has none held out), for pictures."""
+    images = dataset.val.images
+    out = np.zeros((dataset.num_classes, *images.shape[1:]), dtype=np.uint8)
+    for split in (dataset.train, dataset.val):  # val last, so it wins
+        idx = np.full(dataset.num_classes, -1)
+        idx[split.labels[::-1]] = np.arange(len(split.labels))[::-1]
+        has = idx >= 0
+        out[has] = split.images[idx[has]]
+    return out
+
+
+def train_generalist(cfg: Config, out_dir: str | Path, seed: int | None = None,
+                     dataset: Dataset | None = None, progress: bool = True) -> dict[str, Any]:
+    """Train one generalist into ``out_dir`` (resuming a checkpoint there) and write its artifacts.
+
+    ``seed`` defaults to ``cfg.seed``; the student stage calls this with other seeds to build an
+    ensemble of generalists.
+    """
+    seed = cfg.seed if seed is None else seed
+    out = Path(out_dir)
+    dataset = dataset or load_data(cfg.data, cfg.seed)
+    device = resolve_device(cfg.device)
+    torch.manual_seed(seed)
+    gcfg = cfg.generalist
+    model = build_model(gcfg.model, dataset.num_classes, dataset.channels, dataset.image_size)
+    loader = train_loader(dataset.train, gcfg.train.batch_size, seed)
+    augment = BatchAugment() if cfg.data.augment else None
+    started = time.perf_counter()
+    result = fit(model, loader, dataset.val, gcfg.train, out, seed=seed, desc=f"generalist(seed {seed})",
+                 device=device, augment=augment, progress=progress,
+                 fingerprint=f"{dataset.name}:{dataset.num_classes}:{len(dataset.train)}")
+    val = evaluate(model, dataset.val, gcfg.train.eval_batch_size, device)
+    test = evaluate(model, dataset.test, gcfg.train.eval_batch_size, device)
+    meta = {
+        "class_names": dataset.class_names, "num_classes": dataset.num_classes,
+        "channels": dataset.channels, "image_size": dataset.image_size,
+        "model": gcfg.model.model_dump(mode="json"), "seed": seed,
+        "macs": count_flops(model.cpu(), dataset.channels, dataset.image_size),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "metrics": {"val_acc": val["acc"], "val_loss": val["loss"], "test_acc": test["acc"],
+                    "test_loss": test["loss"], "best_epoch": result["best_epoch"],
+                    "epochs_run": result["epochs_run"], "stopped_early": result["stopped_early"],
+                    "train_seconds": result["train_seconds"], "images_per_s": result["images_per_s"],
+                    "seconds": time.perf_counter() - started},
+        "data": {"source": dataset.name, "train": len(dataset.train), "val": len(dataset.val),
+                 "test": len(dataset.test), **{k: v for k, v in dataset.meta.items() if _small(v)}},
+    }
+    model.to(device)
+    for split in ("val", "test"):
+        part = dataset.split(split)
+        write_npy(out / f"preds-{split}.npy", predict_log_probs(model, part.images, gcfg.train.eval_batch_size, device))
+        write_npy(out / f"labels-{split}.npy", part.labels)
+    write_npy(out / "class-examples.npy", class_examples(dataset))
+    save_classifier(out / "model.safetensors", model.cpu(), meta)
+    write_json(out / "meta.json", meta)
+    return meta
+
+
+def _small(value: Any) -> bool:
+    return isinstance(value, (str, int, float, bool)) or (isinstance(value, (list, dict)) and len(value) <= 64)
+
+
+def run_generalist(cfg: Config, force: bool = False, progress: bool = True) -> dict[str, Any]:
+    """The pipeline's stage 1: skipped when it already finished with the same config hash."""
+    run = prepare_run_dir(cfg)
+    out = run / "generalist"
+    digest = stage_hash(cfg, "generalist")
+    if not force and is_done(run, "generalist", digest):
+        meta = read_json(out / "meta.json")
+        print(f"generalist: already trained in {out} (config hash {digest}); test accuracy "
+              f"{meta['metrics']['test_acc']:.4f}. Use --force to retrain.")
+        return meta
+    if force or (out / "done.json").exists():  # a finished stage from another config: start over
+        shutil.rmtree(out, ignore_errors=True)
+    meta = train_generalist(cfg, out, progress=progress)
+    mark_done(run, "generalist", digest, test_acc=meta["metrics"]["test_acc"])
+    m = meta["metrics"]
+    print(f"generalist: {meta['num_classes']} classes, val accuracy {m['val_acc']:.4f}, "
+          f"test accuracy {m['test_acc']:.4f} ({m['seconds']:.0f} s) -> {out}")
+    return meta
+
+
+@exit_on_error
+def main(argv: list[str] | None = None) -> None:
+    setup_environment()
+    args = stage_parser("Stage 1: train the generalist on every class.").parse_args(argv)
+    run_generalist(config_from_args(args), force=args.force)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""Command-line plumbing shared by every stage, and the ``specdistill`` console command.
+
+Each stage module has its own ``main`` (``python -m generalist.train``); ``specdistill <command>``
+dispatches to them by module name, so this package never imports a stage at import time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from pathlib import Path
+
+from specdistill.artifacts import write_text
+from specdistill.config import Config, config_hash, dump_config, load_config
+from specdistill.errors import SpecdistillError, exit_on_error
+
+
+def stage_parser(description: str) -> argparse.ArgumentParser:
+    """The flags every stage understands: --config, --set KEY=VALUE, --run-dir, --force."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", "-c", help="experiment YAML (see configs/); defaults if omitted")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override any config key, e.g. --set generalist.train.epochs=3 (repeatable)")
+    parser.add_argument("--run-dir", help="run directory (default: runs/<name>)")
+    parser.add_argument("--force", action="store_true", help="redo this stage even if it finished")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    overrides = list(args.overrides or [])
+    if getattr(args, "run_dir", None):
+        overrides.append(f"run_dir={args.run_dir}")
+    return load_config(args.config, overrides)
+
+
+def prepare_run_dir(cfg: Config) -> Path:
+    """Create the run directory and record the resolved config (after overrides) and its hash."""
+    run = cfg.run_path
+    run.mkdir(parents=True, exist_ok=True)
+    write_text(run / "config.yaml", f"# config hash: {config_hash(cfg)}\n" + dump_config(cfg))
+    return run
+
+
+def setup_environment() -> None:
+    """Quiet, reproducible defaults for every entry point."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("KMP_WARNINGS", "0")
+
+
+COMMANDS = {
+    "run": ("specdistill.pipeline", "the whole pipeline, generalist to student"),
+    "generalist": ("generalist.train", "stage 1: train the generalist"),
+    "cluster": ("clustering.build", "stage 2: confusable groups from the generalist's held-out predictions"),
+    "specialists": ("specialists.fanout", "stage 3: train the specialists on Ray"),
+    "combine": ("combine.evaluate", "stage 4: combine generalist + specialists, paper tables 3 and 4"),
+    "student": ("student.train", "stage 5: distil the ensemble into one student"),
+}
+
+
+@exit_on_error
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        width = max(map(len, COMMANDS))
+        print("usage: specdistill COMMAND [options]   (specdistill COMMAND --help for its options)\n")
+        for name, (_, text) in COMMANDS.items():
+            print(f"  {name:<{width}}  {text}")
+        return
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        raise SpecdistillError(f"unknown command {command!r}; choose one of: {', '.join(COMMANDS)}")
+    setup_environment()
+    module = importlib.import_module(COMMANDS[command][0])
+    sys.argv = [f"specdistill {command}", *rest]
+    module.main(rest)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,286 @@
+"""The experiment config: one YAML per experiment, validated by a typed schema.
+
+Every section is a pydantic model with ``extra="forbid"``, so an unknown key, a wrong type or an
+out-of-range value is reported as one line naming the key and what is allowed. Any key can be
+overridden from the command line with ``--set section.key=value`` (the value is parsed as YAML).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from specdistill.errors import SpecdistillError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    """Which data source, and its options (each source reads the options it understands)."""
+
+    source: Literal["glyphs-latin", "glyphs-hanzi", "fashion-mnist", "synthetic", "imagefolder",
+                    "cifar100"] = "glyphs-latin"
+    image_size: int = Field(32, ge=8, le=512)
+    # rendered sources: augmented copies rendered per (class, font) into the cache
+    copies_per_font: int = Field(8, ge=1, le=1000)
+    # glyphs-hanzi: the N most common GB2312 level-1 characters; synthetic: number of classes
+    num_classes: int | None = Field(None, ge=2)
+    # synthetic: classes per planted confusable group, and examples per class and split
+    group_size: int = Field(5, ge=1)
+    examples_per_class: int = Field(40, ge=1)
+    # fraction of training examples held out for validation where a source has no natural split
+    val_fraction: float = Field(0.1, gt=0.0, lt=1.0)
+    # imagefolder / cifar100 / fashion-mnist: where the data lives (None = the source's default)
+    root: str | None = None
+    # imagefolder: optional subset of class folder names
+    classes: list[str] | None = None
+    # where rendered sources cache their uint8 arrays (None = ~/.cache/specdistill)
+    cache_dir: str | None = None
+    # on-the-fly augmentation of training batches
+    augment: bool = True
+    # keep at most this many examples per split (tests, smoke runs); None = all
+    limit: int | None = Field(None, ge=1)
+
+
+class ModelConfig(_Section):
+    name: str = "resnet_cifar"
+    depth: int = Field(20, ge=8, le=200)      # resnet_cifar: 6n+2
+    width: int = Field(16, ge=4, le=512)      # resnet_cifar: channels of the first stage
+    hidden: list[int] = Field(default_factory=lambda: [1200, 1200])  # mlp
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    pretrained: bool = False                   # torchvision models: only with local weights
+
+
+class TrainConfig(_Section):
+    epochs: int = Field(10, ge=1, le=10_000)
+    batch_size: int = Field(128, ge=1)
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(0.1, gt=0.0, le=10.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    weight_decay: float = Field(5e-4, ge=0.0)
+    schedule: Literal["cosine", "step", "constant", "onecycle"] = "cosine"
+    warmup_epochs: float = Field(0.0, ge=0.0)
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    patience: int | None = Field(None, ge=1)   # early stopping on held-out accuracy
+    amp: bool = True                            # only takes effect on CUDA
+    channels_last: bool = True                  # only takes effect on CUDA
+    num_threads: int | None = Field(None, ge=1)
+    max_steps_per_epoch: int | None = Field(None, ge=1)
+    eval_batch_size: int = Field(512, ge=1)
+
+
+class GeneralistConfig(_Section):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+
+class ClusteringConfig(_Section):
+    k: int = Field(20, ge=1)
+    backend: Literal["sklearn", "minibatch", "faiss"] = "sklearn"
+    matrix: Literal["covariance", "correlation", "offdiag", "normalized"] = "correlation"
+    size: int | None = Field(None, ge=2)        # grow each group to this many classes (overlap)
+    min_size: int = Field(2, ge=1)              # drop groups smaller than this
+    top_k: int | None = Field(None, ge=1)       # sparse path: keep the top-k probabilities per row
+    sketch_dim: int | None = Field(None, ge=2)  # low-rank path: cluster a sketch of the columns
+    seed: int | None = None                     # None = the experiment seed
+
+
+class SoftTargetConfig(_Section):
+    enabled: bool = False
+    temperature: float = Field(2.0, gt=0.0)
+    alpha: float = Field(0.5, ge=0.0, le=1.0)
+
+
+class SpecialistsConfig(_Section):
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=3, lr=0.01))
+    specialist_fraction: float = Field(0.5, gt=0.0, lt=1.0)
+    soft_targets: SoftTargetConfig = Field(default_factory=SoftTargetConfig)
+    freeze_backbone: bool = False
+    num_gpus_per_task: float = Field(0.0, ge=0.0)  # 0 = auto: 1 when the cluster has GPUs
+    num_cpus_per_task: float = Field(1.0, gt=0.0)
+    max_retries: int = Field(3, ge=0)
+    ray_address: str | None = None              # None = connect if in a cluster, else embedded
+
+
+class CombineConfig(_Section):
+    top_n: int = Field(1, ge=1)
+    solver: Literal["fixed_point", "gradient"] = "fixed_point"
+    max_iter: int = Field(200, ge=1)
+    tol: float = Field(1e-9, gt=0.0)
+
+
+class StudentLossConfig(_Section):
+    name: Literal["hinton", "logit_matching", "noisy_teacher", "hard"] = "hinton"
+    temperature: float = Field(4.0, gt=0.0)
+    alpha: float = Field(0.9, ge=0.0, le=1.0)
+    noise_std: float = Field(0.1, ge=0.0)
+    noise_fraction: float = Field(1.0, ge=0.0, le=1.0)  # noisy_teacher: share of each batch perturbed
+
+
+class StudentConfig(_Section):
+    model: ModelConfig = Field(default_factory=lambda: ModelConfig(depth=14, width=8))
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    loss: StudentLossConfig = Field(default_factory=StudentLossConfig)
+    teacher: Literal["ensemble", "generalist", "generalists"] = "ensemble"
+    teacher_seeds: list[int] = Field(default_factory=lambda: [0, 1])
+    cache_top_k: int = Field(32, ge=1)
+    assistant: ModelConfig | None = None        # teacher-assistant chain: teacher -> assistant -> student
+    baselines: bool = True                      # also train hard-label and generalist-taught students
+
+
+class Config(_Section):
+    name: str = "experiment"
+    seed: int = 0
+    run_dir: str | None = None                  # None = runs/<name>
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    data: DataConfig = Field(default_factory=DataConfig)
+    generalist: GeneralistConfig = Field(default_factory=GeneralistConfig)
+    clustering: ClusteringConfig = Field(default_factory=ClusteringConfig)
+    specialists: SpecialistsConfig = Field(default_factory=SpecialistsConfig)
+    combine: CombineConfig = Field(default_factory=CombineConfig)
+    student: StudentConfig = Field(default_factory=StudentConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> Config:
+        if self.clustering.size is not None and self.clustering.size < self.clustering.min_size:
+            raise ValueError("clustering.size must be >= clustering.min_size")
+        return self
+
+    @property
+    def run_path(self) -> Path:
+        return Path(self.run_dir) if self.run_dir else Path("runs") / self.name
+
+
+# Which config sections each stage depends on (its own and everything upstream). A stage's hash
+# covers exactly these, so editing the student section does not redo the generalist.
+STAGES = ("generalist", "clustering", "specialists", "combine", "student")
+_STAGE_SECTIONS = {
+    "generalist": ("seed", "data", "generalist"),
+    "clustering": ("seed", "data", "generalist", "clustering"),
+    "specialists": ("seed", "data", "generalist", "clustering", "specialists"),
+    "combine": ("seed", "data", "generalist", "clustering", "specialists", "combine"),
+    "student": ("seed", "data", "generalist", "clustering", "specialists", "combine", "student"),
+}
+# Options that change how a stage runs but not what it produces.
+_VOLATILE = {"ray_address", "num_threads", "num_gpus_per_task", "num_cpus_per_task", "max_retries",
+             "eval_batch_size", "cache_dir"}
+
+
+def _strip_volatile(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _strip_volatile(v) for k, v in obj.items() if k not in _VOLATILE}
+    return obj
+
+
+def stage_hash(cfg: Config, stage: str) -> str:
+    """A short hash of the config sections that determine a stage's outputs."""
+    dumped = cfg.model_dump(mode="json")
+    relevant = {key: _strip_volatile(dumped[key]) for key in _STAGE_SECTIONS[stage]}
+    blob = json.dumps(relevant, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def config_hash(cfg: Config) -> str:
+    return stage_hash(cfg, "student")
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading, overrides and one-line errors
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        child = node.get(key)
+        if child is None:
+            child = node[key] = {}
+        if not isinstance(child, dict):
+            raise SpecdistillError(f"--set {dotted}: '{key}' is a value, not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def parse_overrides(items: list[str] | None) -> dict:
+    """Turn ``["a.b=1", "c=x"]`` into a nested dict; values are parsed as YAML (``3``, ``true``)."""
+    tree: dict = {}
+    for item in items or []:
+        if "=" not in item:
+            raise SpecdistillError(f"--set {item!r}: expected KEY=VALUE, e.g. --set generalist.train.epochs=3")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError:
+            value = raw
+        _set_dotted(tree, key.strip(), value)
+    return tree
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _describe(error: dict, model: type[BaseModel]) -> str:
+    loc = ".".join(str(p) for p in error["loc"])
+    if error["type"] == "extra_forbidden":
+        section: Any = model
+        for part in error["loc"][:-1]:
+            field = section.model_fields.get(str(part)) if hasattr(section, "model_fields") else None
+            section = _section_type(field.annotation) if field else None
+        allowed = ", ".join(sorted(section.model_fields)) if section else "?"
+        return f"unknown key '{loc}'; allowed keys here: {allowed}"
+    return f"'{loc}': {error['msg']} (got {error.get('input')!r})"
+
+
+def _section_type(annotation: Any) -> Any:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):  # Optional[Section]
+        if isinstance(arg, type) and issubclass(arg, BaseModel):
+            return arg
+    return None
+
+
+def validate_config(tree: dict, source: str = "config") -> Config:
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+        raise SpecdistillError(f"{source}: {_describe(first, Config)}{more}") from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (or the defaults), apply ``--set`` overrides, and validate."""
+    tree: dict = {}
+    source = "defaults"
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise SpecdistillError(f"config file {path} not found; see configs/ for examples")
+        try:
+            tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            raise SpecdistillError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        if not isinstance(tree, dict):
+            raise SpecdistillError(f"{path}: expected a mapping of sections at the top level")
+        source = str(path)
+    tree = _merge(tree, parse_overrides(overrides))
+    return validate_config(tree, source)
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,185 @@
+"""Model registry: every model is a :class:`Classifier` = ``backbone`` (images -> features) + ``head``.
+
+Keeping the head in one named place lets the specialist stage swap it for a group+dustbin head and
+the student stage pick any architecture by name. CIFAR-style ResNets (He et al. 2016, section 4.2)
+suit the small rendered inputs; torchvision's ImageNet models suit ``imagefolder`` data; an MLP
+reproduces the paper's MNIST-style experiments.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torchvision
+from torch import nn
+
+from specdistill.artifacts import load_weights, save_weights
+from specdistill.config import ModelConfig
+from specdistill.errors import SpecdistillError
+from specdistill.registry import Registry
+
+MODELS: Registry[Callable[..., nn.Module]] = Registry("model")
+
+
+class Classifier(nn.Module):
+    """``forward(x) = head(backbone(x))``; ``backbone`` ends in a flat feature vector."""
+
+    def __init__(self, backbone: nn.Module, num_features: int, num_classes: int) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.num_features = num_features
+        self.head = nn.Linear(num_features, num_classes)
+
+    @property
+    def num_classes(self) -> int:
+        return self.head.out_features
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+
+# ----------------------------------------------------------------------------------------------
+# CIFAR-style ResNet: 3 stages of n basic blocks, widths w, 2w, 4w; depth = 6n + 2.
+
+
+class _BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return torch.relu(out + self.shortcut(x))
+
+
+@MODELS.register("resnet_cifar")
+def resnet_cifar(cfg: ModelConfig, num_classes: int, in_channels: int, image_size: int) -> Classifier:
+    if (cfg.depth - 2) % 6:
+        raise SpecdistillError(f"model.depth={cfg.depth}: resnet_cifar needs depth = 6n+2 (8, 14, 20, 32, 44, 56)")
+    n, w = (cfg.depth - 2) // 6, cfg.width
+    layers: list[nn.Module] = [nn.Conv2d(in_channels, w, 3, 1, 1, bias=False), nn.BatchNorm2d(w), nn.ReLU()]
+    cin = w
+    for stage, cout in enumerate((w, 2 * w, 4 * w)):
+        for block in range(n):
+            layers.append(_BasicBlock(cin, cout, 2 if stage > 0 and block == 0 else 1))
+            cin = cout
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+    if cfg.dropout:
+        layers.append(nn.Dropout(cfg.dropout))
+    model = Classifier(nn.Sequential(*layers), cin, num_classes)
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+    return model
+
+
+@MODELS.register("mlp")
+def mlp(cfg: ModelConfig, num_classes: int, in_channels: int, image_size: int) -> Classifier:
+    """The paper's MNIST nets: fully connected ReLU layers, optional dropout (section 3)."""
+    layers: list[nn.Module] = [nn.Flatten()]
+    cin = in_channels * image_size * image_size
+    for width in cfg.hidden:
+        layers += [nn.Linear(cin, width), nn.ReLU()]
+        if cfg.dropout:
+            layers.append(nn.Dropout(cfg.dropout))
+        cin = width
+    return Classifier(nn.Sequential(*layers), cin, num_classes)
+
+
+def _torchvision_model(name: str) -> Callable[..., Classifier]:
+    def build(cfg: ModelConfig, num_classes: int, in_channels: int, image_size: int) -> Classifier:
+        if cfg.pretrained:
+            raise SpecdistillError(
+                f"model.pretrained=true: {name} weights cannot be downloaded offline; "
+                "train from scratch (pretrained: false)"
+            )
+        net = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+        # take the classifier head off, whatever torchvision calls it
+        for attr in ("fc", "classifier", "head", "heads"):
+            if hasattr(net, attr):
+                old = getattr(net, attr)
+                linear = [m for m in old.modules() if isinstance(m, nn.Linear)][-1] \
+                    if not isinstance(old, nn.Linear) else old
+                num_features = linear.in_features
+                if isinstance(old, nn.Sequential):  # keep dropout etc., drop only the last Linear
+                    mods = [m for m in old if m is not linear]
+                    setattr(net, attr, nn.Sequential(*mods))
+                else:
+                    setattr(net, attr, nn.Identity())
+                break
+        else:  # pragma: no cover - every registered name has one of the attributes
+            raise SpecdistillError(f"cannot find the classifier head of torchvision model {name}")
+        if in_channels != 3:
+            net = nn.Sequential(_RepeatChannels(3), net)
+        return Classifier(net, num_features, num_classes)
+
+    return build
+
+
+class _RepeatChannels(nn.Module):
+    """Grey images into ImageNet models: repeat the channel instead of changing the stem."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.channels = channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.expand(-1, self.channels, -1, -1)
+
+
+for _name in ("resnet18", "resnet34", "resnet50", "mobilenet_v3_small", "mobilenet_v3_large",
+              "efficientnet_b0", "convnext_tiny", "vit_b_16", "regnet_y_400mf"):
+    MODELS.register(_name)(_torchvision_model(_name))
+
+
+def build_model(cfg: ModelConfig, num_classes: int, in_channels: int, image_size: int) -> Classifier:
+    """Build a registered model with a ``num_classes`` head for ``in_channels`` x ``image_size`` input."""
+    return MODELS.get(cfg.name)(cfg, num_classes, in_channels, image_size)
+
+
+def count_flops(model: nn.Module, in_channels: int, image_size: int) -> int:
+    """Multiply-accumulates of one forward pass (for 'a quarter of the generalist's compute')."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = model.eval()
+    x = torch.zeros(1, in_channels, image_size, image_size)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(x)
+    return int(counter.get_total_flops() // 2)
+
+
+def save_classifier(path: str | os.PathLike, model: Classifier, meta: dict[str, Any]) -> None:
+    """Weights as safetensors; ``meta`` must hold what :func:`load_classifier` needs to rebuild
+    the architecture: ``model`` (a ModelConfig dump), ``num_classes``, ``channels``, ``image_size``."""
+    for key in ("model", "num_classes", "channels", "image_size"):
+        if key not in meta:
+            raise ValueError(f"save_classifier: meta lacks {key!r}")
+    save_weights(path, model.state_dict(), meta)
+
+
+def load_classifier(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[Classifier, dict]:
+    """Rebuild a classifier from a file written by :func:`save_classifier`; eval mode."""
+    tensors, meta = load_weights(path)
+    try:
+        model = build_model(ModelConfig(**meta["model"]), meta["num_classes"], meta["channels"],
+                            meta["image_size"])
+        model.load_state_dict(tensors)
+    except (KeyError, RuntimeError, TypeError) as exc:
+        raise SpecdistillError(
+            f"{path} does not match its recorded architecture ({str(exc).splitlines()[0]}); "
+            "delete it and retrain the stage"
+        ) from None
+    return model.to(device).eval(), meta
