@@ -1,0 +1,67 @@
+import subprocess
+import sys
+
+import pytest
+
+from specdistill.config import load_config, parse_overrides, stage_hash
+from specdistill.errors import SpecdistillError
+
+
+def test_every_shipped_config_validates():
+    from pathlib import Path
+
+    configs = sorted(Path("configs").glob("*.yaml"))
+    assert {"quickstart.yaml", "glyphs-latin.yaml", "hanzi-1k.yaml", "fashion-mnist.yaml",
+            "imagenet-subset.yaml"} <= {p.name for p in configs}
+    for path in configs:
+        if path.name.startswith("cluster-"):
+            continue  # Ray cluster-launcher configs, not experiments
+        load_config(path)
+
+
+def test_overrides_are_parsed_as_yaml():
+    cfg = load_config(None, ["generalist.train.epochs=3", "generalist.train.amp=false", "name=x"])
+    assert cfg.generalist.train.epochs == 3 and cfg.generalist.train.amp is False and cfg.name == "x"
+    assert parse_overrides(["a.b.c=[1, 2]"]) == {"a": {"b": {"c": [1, 2]}}}
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("data.colour=1", "unknown key 'data.colour'; allowed keys here: augment"),
+    ("generalist.train.lr=-1", "'generalist.train.lr': Input should be greater than 0"),
+    ("generalist.train.epochs=many", "'generalist.train.epochs'"),
+    ("data.source=mnist", "'data.source'"),
+    ("nosuchsection.x=1", "unknown key 'nosuchsection'"),
+])
+def test_bad_keys_give_one_line(override, fragment):
+    with pytest.raises(SpecdistillError) as err:
+        load_config(None, [override])
+    assert fragment in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_malformed_override_and_missing_file():
+    with pytest.raises(SpecdistillError, match="expected KEY=VALUE"):
+        load_config(None, ["generalist.train.epochs"])
+    with pytest.raises(SpecdistillError, match="not found"):
+        load_config("configs/does-not-exist.yaml")
+
+
+def test_stage_hash_covers_only_upstream_sections():
+    base = load_config(None)
+    student_changed = load_config(None, ["student.loss.temperature=7"])
+    assert stage_hash(base, "generalist") == stage_hash(student_changed, "generalist")
+    assert stage_hash(base, "combine") == stage_hash(student_changed, "combine")
+    assert stage_hash(base, "student") != stage_hash(student_changed, "student")
+    data_changed = load_config(None, ["data.image_size=28"])
+    assert stage_hash(base, "generalist") != stage_hash(data_changed, "generalist")
+    # how a stage runs (threads, Ray address) does not change what it produces
+    assert stage_hash(base, "specialists") == stage_hash(load_config(None, ["specialists.ray_address=auto"]),
+                                                           "specialists")
+
+
+def test_cli_exits_nonzero_with_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "generalist.train", "--set", "data.bogus=1",
+                           "--run-dir", str(tmp_path / "run")], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0
+    assert proc.stderr.startswith("error: ") and "data.bogus" in proc.stderr
