@@ -47,6 +47,10 @@ class DataConfig(_Section):
     augment: bool = True
     # keep at most this many examples per split (tests, smoke runs); None = all
     limit: int | None = Field(None, ge=1)
+    # seeds rendering jitter, synthetic prototypes and carved-out held-out splits; apart from the
+    # experiment seed so that every model of an experiment (e.g. teachers of several seeds) sees the
+    # same data and the same splits
+    data_seed: int = Field(0, ge=0)
 
 
 class ModelConfig(_Section):
@@ -84,12 +88,20 @@ class GeneralistConfig(_Section):
 class ClusteringConfig(_Section):
     k: int = Field(20, ge=1)
     backend: Literal["sklearn", "minibatch", "faiss"] = "sklearn"
-    matrix: Literal["covariance", "correlation", "offdiag", "normalized"] = "correlation"
+    # the matrix whose columns are clustered; "+" combines variants (see clustering/matrices.py);
+    # the default won the planted-group benchmark (benchmarks/results/clustering.md)
+    matrix: Literal["covariance", "correlation", "offdiag", "normalized", "correlation+offdiag",
+                    "correlation+normalized", "offdiag+normalized",
+                    "correlation+offdiag+normalized"] = "correlation+offdiag+normalized"
     size: int | None = Field(None, ge=2)        # grow each group to this many classes (overlap)
     min_size: int = Field(2, ge=1)              # drop groups smaller than this
     top_k: int | None = Field(None, ge=1)       # sparse path: keep the top-k probabilities per row
     sketch_dim: int | None = Field(None, ge=2)  # low-rank path: cluster a sketch of the columns
     seed: int | None = None                     # None = the experiment seed
+    n_init: int = Field(3, ge=1)                # k-means restarts (the best inertia wins)
+    max_iter: int = Field(100, ge=1)
+    # above this many classes, top_k / sketch_dim left unset become 32 / 256 (the scalable path)
+    auto_scale_classes: int = Field(5000, ge=2)
 
 
 class SoftTargetConfig(_Section):
@@ -107,6 +119,11 @@ class SpecialistsConfig(_Section):
     num_cpus_per_task: float = Field(1.0, gt=0.0)
     max_retries: int = Field(3, ge=0)
     ray_address: str | None = None              # None = connect if in a cluster, else embedded
+    # how the dustbin row of the new head is fitted to the generalist (specialists/model.py)
+    dustbin_init: Literal["kl", "lstsq", "constant"] = "kl"
+    # False: the driver ships the data arrays through the object store (only it reads the dataset);
+    # True: every worker loads data itself (the dataset path must be visible on every node)
+    load_data_on_workers: bool = False
 
 
 class CombineConfig(_Section):
@@ -135,6 +152,32 @@ class StudentConfig(_Section):
     baselines: bool = True                      # also train hard-label and generalist-taught students
 
 
+class PaperConfig(_Section):
+    """The paper's section-3 and section-6 experiments (student/paper.py, benchmarks/bench_paper_fmnist.py).
+
+    The ``generalist`` section is the large regularised net, the ``student`` section the small net
+    (its ``loss.temperature`` is the T of the gap and missing-class experiments); these keys add the
+    regularisation the model schema lacks and the grids searched on held-out data.
+    """
+
+    input_dropout: float = Field(0.2, ge=0.0, lt=1.0)     # large net: dropout on the input pixels
+    jitter_px: float = Field(2.0, ge=0.0)                  # large net: random shifts up to this many pixels
+    alphas: list[float] = Field(default_factory=lambda: [0.5, 0.9, 1.0])   # soft-term weights tried
+    temperatures: list[float] = Field(default_factory=lambda: [1.0, 2.0, 2.5, 4.0, 8.0, 20.0])
+    widths: list[int] = Field(default_factory=lambda: [30, 300, 800])     # sweep students: 2 layers
+    missing_class: int = Field(3, ge=0)
+    bias_max: float = Field(10.0, gt=0.0)                  # bias corrections tried: 0, step, ..., max
+    bias_step: float = Field(0.25, gt=0.0)
+    small_fraction: float = Field(0.03, gt=0.0, lt=1.0)    # the small labelled set (stratified)
+    small_repeats: int = Field(8, ge=1)                    # passes over the small set per epoch
+    small_train: TrainConfig = Field(default_factory=lambda: TrainConfig(
+        epochs=10, batch_size=256, optimizer="adamw", lr=0.001, weight_decay=0.0))
+    synthetic_copies: int = Field(10, ge=1)                # MUNGE copies of the small set
+    munge_p: float = Field(0.5, ge=0.0, le=1.0)            # share of pixels resampled near the neighbour's
+    munge_s: float = Field(2.0, gt=0.0)                    # spread: |difference| / s
+    synthetic_jitter_px: int = Field(1, ge=0)              # whole-pixel shifts of the MUNGE copies
+
+
 class Config(_Section):
     name: str = "experiment"
     seed: int = 0
@@ -146,6 +189,7 @@ class Config(_Section):
     specialists: SpecialistsConfig = Field(default_factory=SpecialistsConfig)
     combine: CombineConfig = Field(default_factory=CombineConfig)
     student: StudentConfig = Field(default_factory=StudentConfig)
+    paper: PaperConfig | None = None             # only the paper-experiment configs set it
 
     @model_validator(mode="after")
     def _check(self) -> Config:

@@ -69,8 +69,8 @@ def load_data(cfg: DataConfig, seed: int = 0) -> Dataset:
     """Load (rendering and caching first if needed) the configured source, applying ``cfg.limit``."""
     _import_sources()
     dataset = DATA_SOURCES.get(cfg.source)(cfg, seed)
-    if cfg.limit is not None:
-        rng = np.random.default_rng(seed)
+    if cfg.limit is not None:  # the same subset for every model of an experiment, whatever its seed
+        rng = np.random.default_rng(cfg.data_seed)
         for name in ("train", "val", "test"):
             split = dataset.split(name)
             if len(split) > cfg.limit:
