@@ -114,6 +114,13 @@ def evaluate(model: nn.Module, split: Split, batch_size: int = 512, device=None)
             "acc": float((logits.argmax(1) == labels).float().mean()) if len(labels) else float("nan")}
 
 
+def _interactive() -> bool:
+    """A terminal gets a lively bar; a log file (CI, nohup) gets a line every 30 s, not every step."""
+    import sys
+
+    return sys.stderr.isatty()
+
+
 def _autocast(device: torch.device, enabled: bool = True):
     if device.type == "cuda" and enabled:
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -239,7 +246,7 @@ def fit(
         seen = correct = 0
         start = time.perf_counter()
         bar = tqdm(total=steps_per_epoch, desc=f"{desc} {epoch + 1}/{cfg.epochs}", disable=not progress,
-                   leave=False, mininterval=1.0, dynamic_ncols=True)
+                   leave=False, mininterval=1.0 if _interactive() else 30.0, dynamic_ncols=True)
         for step, (images, labels, index) in enumerate(train_batches):
             if step >= steps_per_epoch:
                 break

@@ -1,0 +1,238 @@
+"""Stage 2: ``python -m clustering.build --k 300`` -> ``<run>/clustering/clusters.json`` + pictures.
+
+Reads the generalist's held-out log-probabilities from the run directory (or any N x K predictions
+file given with ``--probs``), clusters the columns of the chosen covariance-derived matrix with
+k-means, sizes and overlaps the groups, and writes ``clusters.json``, ``covariance.png`` and
+``groups.png`` and finally ``done.json``. Every input is checked before anything is written, so a bad
+input leaves the run directory as it was.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from clustering.cluster import ClusterResult, cluster_classes
+from clustering.plots import groups_figure, matrix_figure, save_figure
+from clustering.predictions import Predictions, load_predictions
+from specdistill.artifacts import is_done, mark_done, read_json, read_npy, require_done, write_json
+from specdistill.cli import config_from_args, prepare_run_dir, setup_environment, stage_parser
+from specdistill.config import Config, stage_hash
+from specdistill.errors import SpecdistillError, exit_on_error
+
+STAGE = "clustering"
+AUTO_TOP_K, AUTO_SKETCH_DIM = 32, 256
+
+
+def run_clustering(cfg: Config, *, probs_path: str | Path | None = None,
+                   names_path: str | Path | None = None, force: bool = False,
+                   record_config: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Build the confusable groups for ``cfg``'s run directory and return the clusters.json dict.
+
+    Skipped (returning the existing clusters.json) when the stage already finished with the same
+    config hash and the same input file, unless ``force``. ``probs_path`` replaces the generalist's
+    ``preds-val.npy`` (then names come from ``names_path``, a JSON list, or are "class i").
+    """
+    began = time.perf_counter()
+    run = cfg.run_path
+    out_dir = run / STAGE
+    config_hash = stage_hash(cfg, STAGE)
+    source = Path(probs_path) if probs_path else run / "generalist" / "preds-val.npy"
+    fingerprint = _fingerprint(source, names_path)
+    if not force and is_done(run, STAGE, config_hash) and (out_dir / "clusters.json").exists():
+        done = read_json(out_dir / "done.json")
+        if done.get("input") == fingerprint:
+            print(f"clustering: already done in {out_dir} with this config (hash {config_hash}); "
+                  "skipping (use --force to redo)")
+            return read_json(out_dir / "clusters.json")
+
+    # ---- read and check every input before writing anything
+    ccfg = cfg.clustering
+    seed = cfg.seed if ccfg.seed is None else ccfg.seed
+    if probs_path is None:
+        require_done(run, "generalist", stage_hash(cfg, "generalist"))
+    num_classes = _peek_num_classes(source)
+    top_k, sketch_dim = ccfg.top_k, ccfg.sketch_dim
+    if num_classes > ccfg.auto_scale_classes and top_k is None and sketch_dim is None:
+        top_k, sketch_dim = AUTO_TOP_K, AUTO_SKETCH_DIM
+        print(f"clustering: {num_classes} classes > auto_scale_classes={ccfg.auto_scale_classes}: "
+              f"using the scalable path (top_k={top_k}, sketch_dim={sketch_dim})")
+    if ccfg.k > num_classes:   # before reading a possibly huge file
+        raise SpecdistillError(f"k={ccfg.k} is larger than the number of classes ({num_classes}) in "
+                               f"{source}; choose --k {num_classes} or fewer")
+    t0 = time.perf_counter()
+    preds = load_predictions(source, top_k=top_k, progress=progress)
+    load_s = time.perf_counter() - t0
+    class_names = _class_names(run, preds, probs_path, names_path)
+    examples = _class_examples(run, preds.num_classes) if probs_path is None else None
+
+    result = cluster_classes(preds.probs, ccfg.k, matrix=ccfg.matrix, backend=ccfg.backend, seed=seed,
+                             n_init=ccfg.n_init, max_iter=ccfg.max_iter, sketch_dim=sketch_dim,
+                             size=ccfg.size, min_size=ccfg.min_size, progress=progress)
+    t0 = time.perf_counter()
+    figures = {
+        "covariance.png": matrix_figure(result.matrix, result.cores, class_names, seed=seed),
+        "groups.png": groups_figure(result.groups, result.cores, result.points, class_names, examples),
+    }
+    plots_s = time.perf_counter() - t0
+
+    # ---- write: pictures, clusters.json, then done.json last
+    (out_dir / "done.json").unlink(missing_ok=True)
+    if record_config:
+        prepare_run_dir(cfg)
+    t0 = time.perf_counter()
+    for name, fig in figures.items():
+        save_figure(fig, out_dir / name)
+    plots_s += time.perf_counter() - t0
+    timings = {"load_s": load_s, **result.timings, "plots_s": plots_s,
+               "total_s": time.perf_counter() - began}
+    params = {"k": ccfg.k, "backend": ccfg.backend, "matrix": ccfg.matrix, "size": ccfg.size,
+              "min_size": ccfg.min_size, "top_k": top_k, "sketch_dim": sketch_dim, "seed": seed,
+              "n_init": ccfg.n_init, "max_iter": ccfg.max_iter}
+    clusters = clusters_json(result, class_names, preds, params, timings)
+    write_json(out_dir / "clusters.json", clusters)
+    mark_done(run, STAGE, config_hash, input=fingerprint)
+    _print_summary(clusters, out_dir)
+    return clusters
+
+
+def clusters_json(result: ClusterResult, class_names: list[str], preds: Predictions, params: dict,
+                  timings: dict) -> dict[str, Any]:
+    """The run-directory contract: groups with class ids and names, parameters, coverage."""
+    groups = []
+    for m, (group, core) in enumerate(zip(result.groups, result.cores)):
+        ids = [int(c) for c in group]
+        groups.append({"id": m, "classes": ids, "names": [class_names[c] for c in ids],
+                       "num_core": len(core)})
+    return {
+        "num_classes": preds.num_classes,
+        "class_names": list(class_names),
+        "groups": groups,
+        "matrix": params["matrix"],
+        "params": params,
+        "input": {"source": preds.source, "num_examples": preds.num_examples,
+                  "log_probabilities": preds.was_log,
+                  "path": "top-k + sketch" if params["sketch_dim"] else "exact"},
+        "kmeans": {"inertia": result.inertia, "clusters": len(result.cores) + result.dropped,
+                   "dropped_small": result.dropped},
+        "coverage": result.coverage,
+        "timings": {key: round(value, 3) for key, value in timings.items()},
+    }
+
+
+def _print_summary(clusters: dict, out_dir: Path) -> None:
+    cov, sizes = clusters["coverage"], clusters["coverage"]["group_sizes"]
+    hist = ", ".join(f"{n}: {c}" for n, c in cov["histogram"].items())
+    print(f"clustering: {len(clusters['groups'])} groups of {sizes['min']}-{sizes['max']} classes "
+          f"(mean {sizes['mean']:.1f}; {clusters['kmeans']['dropped_small']} smaller than min_size "
+          f"dropped) over {clusters['num_classes']} classes, matrix={clusters['matrix']}, "
+          f"{clusters['timings']['total_s']:.1f}s")
+    print(f"clustering: classes covered by n groups -> {hist}")
+    print(f"clustering: wrote {out_dir / 'clusters.json'}, covariance.png, groups.png")
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+
+
+def _fingerprint(source: Path, names_path: str | Path | None) -> dict:
+    def one(path: Path) -> dict | None:
+        if not path.exists():
+            return None
+        stat = path.stat()
+        return {"path": str(path.resolve()), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+    return {"predictions": one(source), "names": one(Path(names_path)) if names_path else None}
+
+
+def _peek_num_classes(source: Path) -> int:
+    if not source.exists():
+        raise SpecdistillError(f"predictions file {source} not found; run the generalist stage first "
+                               "or pass --probs FILE.npy")
+    if source.suffix == ".npz":
+        return int(load_predictions(source, progress=False).num_classes)
+    shape = read_npy(source, mmap=True).shape
+    if len(shape) != 2:
+        raise SpecdistillError(f"{source} has shape {tuple(shape)}; expected [N, K]: one row per held-out "
+                               "example, one column per class")
+    return int(shape[1])
+
+
+def _class_names(run: Path, preds: Predictions, probs_path, names_path) -> list[str]:
+    k = preds.num_classes
+    if names_path is not None:
+        names = read_json(names_path)
+        where = str(names_path)
+    elif probs_path is not None:
+        return [f"class {i}" for i in range(k)]
+    else:
+        names = read_json(run / "generalist" / "meta.json").get("class_names")
+        where = str(run / "generalist" / "meta.json")
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise SpecdistillError(f"{where} must hold a JSON list of class names (strings)")
+    if len(names) != k:
+        raise SpecdistillError(f"{where} lists {len(names)} class names but the predictions have {k} "
+                               "columns; pass the names that belong to these predictions")
+    return names
+
+
+def _class_examples(run: Path, num_classes: int) -> np.ndarray | None:
+    path = run / "generalist" / "class-examples.npy"
+    if not path.exists():
+        return None
+    images = read_npy(path)
+    if images.ndim == 4 and images.shape[-1] == 1:
+        images = images[..., 0]
+    if images.dtype != np.uint8 or images.ndim not in (3, 4) or len(images) != num_classes:
+        raise SpecdistillError(f"{path} has shape {images.shape} ({images.dtype}); expected uint8 "
+                               f"[{num_classes}, H, W] or [{num_classes}, H, W, C]: rerun the generalist stage")
+    return images
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = stage_parser("Confusable class groups from the covariance of the generalist's held-out "
+                          "predictions (paper section 5.3).")
+    parser.add_argument("--k", help="number of k-means clusters (groups before dropping/growing)")
+    parser.add_argument("--probs", help="your own predictions: N x K probabilities or log-probabilities "
+                                        "(.npy), or a scipy CSR of top-k probabilities (.npz)")
+    parser.add_argument("--names", help="JSON list of K class names for --probs (default: 'class i')")
+    parser.add_argument("--backend", help="k-means backend: sklearn, minibatch (online) or faiss")
+    parser.add_argument("--matrix", help="covariance, correlation, offdiag, normalized, or a '+' "
+                                         "combination, e.g. correlation+offdiag+normalized")
+    parser.add_argument("--size", help="grow every group to this many classes (overlapping groups)")
+    parser.add_argument("--min-size", help="drop k-means groups with fewer classes than this")
+    parser.add_argument("--top-k", help="keep each row's top-k probabilities (sparse path)")
+    parser.add_argument("--sketch-dim", help="cluster a Gaussian sketch of this many dimensions")
+    parser.add_argument("--seed", help="k-means seed (default: the experiment seed)")
+    return parser
+
+
+_FLAG_KEYS = {"k": "k", "backend": "backend", "matrix": "matrix", "size": "size", "min_size": "min_size",
+              "top_k": "top_k", "sketch_dim": "sketch_dim", "seed": "seed"}
+
+
+@exit_on_error
+def main(argv: list[str] | None = None) -> None:
+    setup_environment()
+    args = _parser().parse_args(argv)
+    if args.config is None and args.run_dir and (Path(args.run_dir) / "config.yaml").exists():
+        args.config = str(Path(args.run_dir) / "config.yaml")   # the run's resolved config
+    for attr, key in _FLAG_KEYS.items():
+        value = getattr(args, attr)
+        if value is not None:
+            args.overrides.append(f"clustering.{key}={value}")
+    cfg = config_from_args(args)
+    if args.names and not args.probs:
+        raise SpecdistillError("--names goes with --probs; a run directory's names come from its meta.json")
+    run_clustering(cfg, probs_path=args.probs, names_path=args.names, force=args.force,
+                   record_config=True)
+
+
+if __name__ == "__main__":
+    main()

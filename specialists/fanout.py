@@ -1,0 +1,297 @@
+"""Stage 3: one Ray task per specialist, the driver owning progress, retries and every file.
+
+    python train_specialists.py --config configs/quickstart.yaml            # embedded Ray
+    ray submit cluster.yaml train_specialists.py -- --config configs/...     # a cluster's head node
+    ray job submit --working-dir . -- python train_specialists.py --config ...
+
+The shape is Ray's own: a task is a pure function (:func:`specialists.train.train_one`) of values
+in the object store, the generalist's weights and the data arrays, each put there *once*; it
+returns weights and metrics, and the driver writes them (atomically) as they arrive in a
+``ray.wait`` loop, so no filesystem is shared between nodes and a finished specialist survives
+anything that happens later. Failures are retried twice over: Ray re-executes a task whose worker
+or node died (``max_retries``) or that raised a transient error (``retry_exceptions``); a failure
+that outlives those retries (an owner or object lost) is resubmitted by the driver. Before
+submitting, the requested resources are checked against the nodes, so a cluster without the asked
+GPUs is one clear error instead of tasks waiting forever.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+import ray.exceptions as rex
+from tqdm.auto import tqdm
+
+from specdistill.artifacts import load_weights, mark_done, read_json
+from specdistill.cli import config_from_args, prepare_run_dir, setup_environment, stage_parser
+from specdistill.config import Config, stage_hash
+from specdistill.errors import SpecdistillError, exit_on_error
+from specialists import store
+from specialists.cluster import (
+    INFEASIBLE_GRACE_S,
+    connect_ray,
+    feasible,
+    require_feasible,
+    same_machine,
+    task_resources,
+)
+from specialists.model import as_class_index
+
+STAGE = "specialists"
+# failures of the machinery rather than of the work: worth another attempt
+SYSTEM_FAILURES = (rex.WorkerCrashedError, rex.NodeDiedError, rex.OwnerDiedError, rex.ObjectLostError,
+                   rex.LocalRayletDiedError, rex.ObjectFetchTimedOutError, rex.OutOfMemoryError,
+                   rex.RaySystemError, rex.TaskUnschedulableError)
+# exceptions raised inside a task that may pass on another attempt (CUDA hiccups, OOM, I/O)
+TRANSIENT_EXCEPTIONS = [RuntimeError, OSError, MemoryError]
+
+
+# ----------------------------------------------------------------------------------------------
+# Inputs, checked on the driver before Ray starts
+
+
+def load_inputs(cfg: Config, run: Path) -> dict[str, Any]:
+    """The generalist, the groups and the data, each checked for the problems a user can fix."""
+    gen_path = run / "generalist" / "model.safetensors"
+    if not gen_path.exists():
+        raise SpecdistillError(f"missing generalist checkpoint {gen_path}; train it first "
+                               f"(python -m generalist.train --run-dir {run}) or point --run-dir at its run")
+    tensors, meta = load_weights(gen_path)
+    num_classes = int(meta["num_classes"])
+    clusters = read_json(run / "clustering" / "clusters.json")
+    if "num_classes" in clusters and int(clusters["num_classes"]) != num_classes:
+        raise SpecdistillError(f"{run / 'clustering/clusters.json'} is for {clusters['num_classes']} classes but the "
+                               f"generalist has {num_classes}; rerun clustering on this generalist")
+    groups = []
+    for position, raw in enumerate(clusters.get("groups") or []):
+        m = int(raw.get("id", position))
+        try:
+            classes = as_class_index(raw.get("classes", []), num_classes).tolist()
+        except SpecdistillError as exc:
+            raise SpecdistillError(f"clusters.json group {m}: {exc}") from None
+        names = raw.get("names") or [meta["class_names"][c] for c in classes]
+        groups.append({"id": m, "classes": classes, "names": list(names)})
+    if not groups:
+        raise SpecdistillError(f"{run / 'clustering/clusters.json'} has no groups; rerun clustering with k >= 1")
+    if len({g["id"] for g in groups}) != len(groups):
+        raise SpecdistillError("clusters.json repeats a group id; rerun clustering")
+
+    data = None
+    if not cfg.specialists.load_data_on_workers:
+        data = _data_arrays(cfg, meta)
+        for group in groups:
+            if not np.isin(group["classes"], data["train_labels"]).any():
+                raise SpecdistillError(f"group {group['id']} has no training examples (classes "
+                                       f"{group['classes'][:5]}); check data.limit or rerun clustering")
+    generalist = {"tensors": {k: v.numpy() for k, v in tensors.items()}, "meta": meta}
+    return {"generalist": generalist, "generalist_sha": store.file_sha256(gen_path), "groups": groups,
+            "data": data}
+
+
+def _data_arrays(cfg: Config, generalist_meta: dict[str, Any] | None = None) -> dict[str, np.ndarray]:
+    from specdistill.data import load_data
+
+    dataset = load_data(cfg.data, cfg.seed)
+    if generalist_meta is not None and list(dataset.class_names) != list(generalist_meta["class_names"]):
+        raise SpecdistillError(
+            f"the data config gives {dataset.num_classes} classes that differ from the generalist's "
+            f"{generalist_meta['num_classes']}; use the config the generalist was trained with"
+        )
+    return {"train_images": dataset.train.images, "train_labels": dataset.train.labels,
+            "val_images": dataset.val.images, "val_labels": dataset.val.labels}
+
+
+# ----------------------------------------------------------------------------------------------
+# The Ray task
+
+
+_WORKER_DATA: dict[str, dict[str, np.ndarray]] = {}
+
+
+def _train_task(generalist: dict[str, Any], data: dict[str, np.ndarray] | None, group: dict[str, Any],
+                cfg_json: dict[str, Any], device: str, num_threads: int, work_dir: str | None) -> dict[str, Any]:
+    """The Ray task: plain values in, plain values out (the driver writes the files)."""
+    import torch
+
+    from specialists.train import train_one
+
+    torch.set_num_threads(num_threads)
+    cfg = Config.model_validate(cfg_json)
+    if data is None:  # load_data_on_workers: every node reads (or renders) the dataset itself, once
+        key = f"{cfg.data.model_dump_json()}:{cfg.seed}"
+        if key not in _WORKER_DATA:
+            _WORKER_DATA[key] = _data_arrays(cfg, generalist["meta"])
+        data = _WORKER_DATA[key]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*non-writable.*")  # object-store arrays are read-only
+        result = train_one(generalist, group, data, cfg, device=device, work_dir=work_dir)
+    result["ran_on"] = {"node_id": ray.get_runtime_context().get_node_id(), "host": socket.gethostname(),
+                        "pid": os.getpid(), "device": device}
+    return result
+
+
+_remote_train = ray.remote(_train_task)
+
+
+# ----------------------------------------------------------------------------------------------
+# The stage
+
+
+def run_specialists(cfg: Config, force: bool = False, progress: bool = True, address: str | None = None,
+                    on_written: Callable[[int, int, int], None] | None = None) -> dict[str, Any]:
+    """Train every group's specialist that is not already finished; write ``specialists/done.json``.
+
+    ``address`` overrides ``specialists.ray_address``. ``on_written(m, done, total)`` is called
+    after each specialist is on disk (tests use it to disturb the cluster mid-run).
+    """
+    run = prepare_run_dir(cfg)
+    spec_dir = run / STAGE
+    inputs = load_inputs(cfg, run)
+    groups = inputs["groups"]
+    keys = {g["id"]: store.specialist_key(cfg, inputs["generalist_sha"], g) for g in groups}
+    todo = [g for g in groups if force or not store.is_finished(spec_dir, g["id"], keys[g["id"]])]
+    if force:  # also forget half-trained checkpoints of an interrupted run
+        shutil.rmtree(spec_dir / ".work", ignore_errors=True)
+    began = time.perf_counter()
+    summary: dict[str, Any] = {"total": len(groups), "skipped": len(groups) - len(todo), "trained": 0,
+                               "resubmitted": 0}
+    if todo:
+        print(f"specialists: {len(todo)} to train, {summary['skipped']} already finished -> {spec_dir}", flush=True)
+        started = connect_ray(address if address is not None else cfg.specialists.ray_address)
+        try:
+            summary.update(_fan_out(cfg, inputs, todo, keys, spec_dir, progress, on_written))
+        finally:
+            if started:
+                ray.shutdown()
+    _remove_stale(spec_dir, {g["id"] for g in groups})
+    shutil.rmtree(spec_dir / ".work", ignore_errors=True)
+    infos = [read_json(store.info_path(spec_dir, g["id"])) for g in groups]
+    summary.update(_summarise(infos), seconds=round(time.perf_counter() - began, 1))
+    mark_done(run, STAGE, stage_hash(cfg, STAGE), ids=[g["id"] for g in groups],
+              **{k: v for k, v in summary.items() if k != "ids"})
+    print(f"specialists: {summary['trained']} trained, {summary['skipped']} reused, {summary['total']} in all; "
+          f"held-out accuracy within the group {summary['mean_specialist_group_acc']:.4f} vs the "
+          f"generalist's {summary['mean_generalist_group_acc']:.4f} ({summary['seconds']:.0f} s) -> {spec_dir}")
+    return summary
+
+
+def _fan_out(cfg: Config, inputs: dict[str, Any], todo: list[dict[str, Any]], keys: dict[int, str],
+             spec_dir: Path, progress: bool, on_written: Callable[[int, int, int], None] | None) -> dict[str, Any]:
+    scfg = cfg.specialists
+    resources = task_resources(cfg)
+    device = "cuda" if resources["num_gpus"] > 0 else "cpu"
+    threads = max(1, int(resources["num_cpus"]))
+    local_fs = same_machine()
+    generalist_ref = ray.put(inputs["generalist"])                     # once, shared by every task
+    data_ref = ray.put(inputs["data"]) if inputs["data"] is not None else None
+    cfg_json = cfg.model_dump(mode="json")
+    options = {"num_cpus": resources["num_cpus"], "num_gpus": resources["num_gpus"],
+               "max_retries": scfg.max_retries, "retry_exceptions": TRANSIENT_EXCEPTIONS}
+
+    def submit(group: dict[str, Any]) -> ray.ObjectRef:
+        # on one machine the engine checkpoints each epoch into the run dir, so a killed run resumes
+        work = str((spec_dir / ".work" / f"{group['id']:04d}-{keys[group['id']]}").resolve()) if local_fs else None
+        return _remote_train.options(name=f"specialist-{group['id']}", **options).remote(
+            generalist_ref, data_ref, group, cfg_json, device, threads, work)
+
+    total = len(inputs["groups"])
+    done = total - len(todo)
+    pending = {submit(g): g for g in todo}
+    attempts = {g["id"]: 1 for g in todo}
+    resubmitted = trained = 0
+    infeasible_since: float | None = None
+    bar = tqdm(total=total, initial=done, desc="specialists", unit="specialist", disable=not progress,
+               dynamic_ncols=True, file=sys.stderr)
+    try:
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=10.0)
+            if not ready:
+                ok, _ = feasible({"CPU": resources["num_cpus"], "GPU": resources["num_gpus"]})
+                infeasible_since = None if ok else (infeasible_since or time.monotonic())
+                if infeasible_since and time.monotonic() - infeasible_since > INFEASIBLE_GRACE_S:
+                    require_feasible({"CPU": resources["num_cpus"], "GPU": resources["num_gpus"]})
+                continue
+            ref = ready[0]
+            group = pending.pop(ref)
+            m = group["id"]
+            try:
+                result = ray.get(ref)
+            except SYSTEM_FAILURES as exc:
+                if attempts[m] > scfg.max_retries:
+                    raise SpecdistillError(
+                        f"specialist {m} failed {attempts[m]} times ({type(exc).__name__}); the {done} finished "
+                        "specialists are saved: check the cluster and run the same command again") from None
+                attempts[m] += 1
+                resubmitted += 1
+                bar.write(f"specialist {m}: {type(exc).__name__}; resubmitting (attempt {attempts[m]})")
+                pending[submit(group)] = group
+                continue
+            except rex.RayTaskError as exc:
+                cause = exc.cause
+                if isinstance(cause, SpecdistillError):
+                    raise SpecdistillError(f"specialist {m}: {cause}") from None
+                bar.write(str(exc))
+                first_line = (str(cause).splitlines() or [""])[0]
+                raise SpecdistillError(
+                    f"specialist {m} failed: {type(cause).__name__}: {first_line} "
+                    f"(traceback above); the {done} finished specialists are saved, fix the cause and run again"
+                ) from None
+            del ref
+            info = store.write_specialist(spec_dir, result, keys[m])
+            shutil.rmtree(spec_dir / ".work" / f"{m:04d}-{keys[m]}", ignore_errors=True)
+            done += 1
+            trained += 1
+            met = info["metrics"]
+            bar.set_postfix_str(f"#{m} group acc {met['specialist_group_acc']:.3f} "
+                                f"(generalist {met['generalist_group_acc']:.3f})")
+            bar.update(1)
+            if on_written is not None:
+                on_written(m, done, total)
+    finally:
+        bar.close()
+        for ref in pending:
+            ray.cancel(ref, force=True)
+    return {"trained": trained, "resubmitted": resubmitted, "num_cpus_per_task": resources["num_cpus"],
+            "num_gpus_per_task": resources["num_gpus"]}
+
+
+def _remove_stale(spec_dir: Path, ids: set[int]) -> None:
+    """Drop specialists of groups that no longer exist (clustering was rerun with another k)."""
+    for path in list(spec_dir.glob("[0-9][0-9][0-9][0-9].*")):
+        if path.suffix in (".json", ".safetensors") and path.stem.isdigit() and int(path.stem) not in ids:
+            path.unlink(missing_ok=True)
+
+
+def _summarise(infos: list[dict[str, Any]]) -> dict[str, Any]:
+    def mean(key: str) -> float:
+        values = [i["metrics"][key] for i in infos if np.isfinite(i["metrics"].get(key, float("nan")))]
+        return float(np.mean(values)) if values else float("nan")
+
+    return {"mean_specialist_group_acc": mean("specialist_group_acc"),
+            "mean_generalist_group_acc": mean("generalist_group_acc"),
+            "mean_group_acc_gain": mean("group_acc_gain")}
+
+
+@exit_on_error
+def main(argv: list[str] | None = None) -> None:
+    setup_environment()
+    parser = stage_parser("Stage 3: train one specialist per group as Ray tasks (embedded Ray or a cluster).")
+    parser.add_argument("--address", default=None,
+                        help="Ray cluster to use: host:port, 'auto', or 'local' for an embedded Ray "
+                             "(default: RAY_ADDRESS, else a cluster started on this machine, else embedded)")
+    args = parser.parse_args(argv)
+    run_specialists(config_from_args(args), force=args.force, address=args.address)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,454 @@
+"""The KL combiner (paper section 5.4), its solvers, special cases, bad input, and the evaluation."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from combine import active_specialists, kl_combine, kl_objective
+from combine.baselines import average_of_distributions, product_of_experts
+from combine.evaluate import evaluate_predictions
+from combine.metrics import conditional_accuracy, expected_calibration_error, negative_log_likelihood, table4
+from combine.reference import paper_gradient_descent, reference_solve
+from specdistill.errors import SpecdistillError
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Hundreds of tiny ops per test: on a shared 2-core machine threads only add waiting."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def random_instance(seed: int, K: int, M: int, B: int, scale: float, dtype=torch.float64,
+                    group_size: int | None = None):
+    g = torch.Generator().manual_seed(seed)
+    gen = torch.log_softmax(torch.randn(B, K, generator=g, dtype=torch.float64) * scale, 1).to(dtype)
+    groups = []
+    for _ in range(M):
+        size = group_size or int(torch.randint(1, K + 1, (1,), generator=g))
+        groups.append(torch.randperm(K, generator=g)[:size])
+    specs = [torch.log_softmax(torch.randn(B, len(gr) + 1, generator=g, dtype=torch.float64) * scale, 1).to(dtype)
+             for gr in groups]
+    return gen, groups, specs
+
+
+def reference_objectives(gen, groups, specs, active) -> torch.Tensor:
+    """The reference solver's objective for every row with an active specialist (NaN otherwise)."""
+    out = torch.full((gen.shape[0],), torch.nan, dtype=torch.float64)
+    for b in range(gen.shape[0]):
+        ms = active[b].nonzero().squeeze(1).tolist()
+        if not ms:
+            continue
+        ref = reference_solve(gen[b], [groups[m] for m in ms], [specs[m][b] for m in ms])
+        out[b] = kl_objective(ref[None], gen[b:b + 1], groups, [s[b:b + 1] for s in specs], active[b:b + 1])[0]
+    return out
+
+
+def class_em_step(lq, gen, groups, specs, active):
+    """The EM update written over all K classes, straight from the derivation (a test oracle)."""
+    q, num = torch.exp(lq), torch.exp(gen).clone()
+    for m, group in enumerate(groups):
+        rows = active[:, m]
+        lp = torch.log_softmax(specs[m][rows], 1)
+        outside = torch.ones(gen.shape[1], dtype=torch.bool)
+        outside[group] = False
+        add = torch.zeros(int(rows.sum()), gen.shape[1], dtype=torch.float64)
+        add[:, group] = torch.exp(lp[:, :-1])
+        out_mass = (q[rows] * outside).sum(1, keepdim=True)
+        add += outside * q[rows] * torch.exp(lp[:, -1:]) / out_mass
+        num[rows] += add
+    return torch.log(num / (1 + active.sum(1, keepdim=True)))
+
+
+# ----------------------------------------------------------------------------------------------
+# solvers against the high-precision reference
+
+
+def test_fixed_point_matches_reference_on_random_instances():
+    rng = np.random.default_rng(0)
+    rel_errors = []
+    for trial in range(24):
+        K, M = int(rng.integers(2, 30)), int(rng.integers(1, 7))
+        scale = float(rng.choice([0.5, 2.0, 5.0, 10.0]))
+        gen, groups, specs = random_instance(trial, K, M, 4, scale)
+        lq, info = kl_combine(gen, groups, specs, top_n=int(rng.integers(1, 4)), return_info=True)
+        obj = kl_objective(lq, gen, groups, specs, info["active"])
+        ref = reference_objectives(gen, groups, specs, info["active"])
+        rows = ~torch.isnan(ref)
+        rel_errors += ((obj[rows] - ref[rows]).abs() / ref[rows].abs().clamp_min(1e-12)).tolist()
+        assert torch.isfinite(lq).all()
+        assert torch.allclose(lq.logsumexp(1), torch.zeros(4, dtype=torch.float64), atol=1e-12)
+    assert len(rel_errors) >= 60
+    assert max(rel_errors) < 1e-6
+
+
+@pytest.mark.parametrize("scale,iterations", [(0.5, 2500), (1.0, 4000)])
+def test_gradient_descent_matches_reference(scale, iterations):
+    """The paper's method gets there on moderately peaked inputs (on peaked ones it does not: the
+    objective gap of classes that must shrink falls like 1/t; see BENCHMARKS.md)."""
+    gen, groups, specs = random_instance(7, 20, 5, 12, scale, group_size=6)
+    lq, info = kl_combine(gen, groups, specs, top_n=2, solver="gradient", max_iter=iterations, tol=0.0,
+                          return_info=True)
+    obj = kl_objective(lq, gen, groups, specs, info["active"])
+    ref = reference_objectives(gen, groups, specs, info["active"])
+    rows = ~torch.isnan(ref)
+    assert rows.sum() >= 8
+    assert ((obj[rows] - ref[rows]).abs() / ref[rows]).max() < 1e-6
+
+
+@pytest.mark.parametrize("solver", ["em", "fixed_point"])
+def test_fixed_point_decreases_the_objective_monotonically(solver):
+    gen, groups, specs = random_instance(3, 25, 6, 16, 3.0, group_size=8)
+    active = active_specialists(gen, groups, 3)
+    objs = torch.stack([kl_objective(kl_combine(gen, groups, specs, solver=solver, max_iter=t, tol=0.0,
+                                                active=active), gen, groups, specs, active) for t in range(26)])
+    steps = objs[1:] - objs[:-1]
+    assert (steps <= 1e-12 * objs[:-1].abs()).all()
+    multi = active.sum(1) >= 2
+    assert (objs[-1][multi] < objs[0][multi] - 1e-6).all()  # it does move
+
+
+def test_cells_give_the_same_optimum_as_em_over_all_classes():
+    """EM over every class (the derivation, written densely) and the cell solver agree."""
+    gen, groups, specs = random_instance(11, 15, 4, 10, 2.0, group_size=6)
+    active = active_specialists(gen, groups, 2)
+    lq = gen.clone()
+    for _ in range(3000):
+        lq = class_em_step(lq, gen, groups, specs, active)
+    for solver in ("em", "fixed_point"):
+        ours = kl_combine(gen, groups, specs, active=active, solver=solver, max_iter=3000, tol=1e-14)
+        assert torch.allclose(torch.exp(ours), torch.exp(lq), atol=1e-9), solver
+
+
+def test_average_is_one_em_step_from_the_generalist():
+    gen, groups, specs = random_instance(5, 12, 4, 8, 2.0, group_size=5)
+    active = active_specialists(gen, groups, 3)
+    one_step = class_em_step(gen, gen, groups, specs, active)
+    assert torch.allclose(average_of_distributions(gen, groups, specs, active), one_step, atol=1e-12)
+
+
+def test_paper_per_example_gradient_descent_reaches_the_optimum():
+    gen, groups, specs = random_instance(2, 12, 3, 1, 0.5, group_size=5)
+    active = torch.ones(1, 3, dtype=torch.bool)
+    best = kl_objective(kl_combine(gen, groups, specs, active=active, tol=1e-13), gen, groups, specs, active)
+    lq, iters = paper_gradient_descent(gen[0], groups, [s[0] for s in specs], max_iter=20000,
+                                       target=float(best[0]), rel_tol=1e-6)
+    got = kl_objective(lq[None], gen, groups, specs, active)
+    assert 0 < iters < 20000
+    assert (got - best).abs() / best < 1e-6
+
+
+# ----------------------------------------------------------------------------------------------
+# exact special cases
+
+
+def test_no_active_specialist_leaves_the_generalist_exactly():
+    gen, groups, specs = random_instance(1, 10, 3, 6, 2.0, dtype=torch.float32, group_size=3)
+    assert torch.equal(kl_combine(gen, groups, specs, active=torch.zeros(6, 3, dtype=torch.bool)), gen)
+    # through the top-1 rule: groups that avoid every row's best class
+    best = set(gen.argmax(1).tolist())
+    others = torch.tensor([k for k in range(10) if k not in best])
+    groups = [others[:2], others[1:3]]
+    specs = [torch.log_softmax(torch.randn(6, 3), 1) for _ in groups]
+    assert torch.equal(kl_combine(gen, groups, specs), gen)
+    # in a mixed batch the inactive rows are untouched too
+    groups = [torch.tensor([int(gen[0].argmax())])]
+    specs = [torch.log_softmax(torch.randn(6, 2), 1)]
+    out, info = kl_combine(gen, groups, specs, return_info=True)
+    idle = ~info["active"][:, 0]
+    assert idle.any() and not idle.all()
+    assert torch.equal(out[idle], gen[idle]) and not torch.equal(out[~idle], gen[~idle])
+
+
+def test_group_of_every_class_gives_the_arithmetic_mean():
+    gen, _, _ = random_instance(4, 7, 1, 5, 2.0)
+    group = torch.randperm(7, generator=torch.Generator().manual_seed(1))
+    spec = torch.log_softmax(torch.randn(5, 8, dtype=torch.float64), 1)   # its dustbin has mass
+    p_m = torch.zeros(5, 7, dtype=torch.float64)
+    p_m[:, group] = torch.softmax(spec[:, :-1], 1)        # the dustbin has no class: dropped
+    expected = torch.log((torch.exp(gen) + p_m) / 2)
+    for solver, iters in (("fixed_point", 200), ("gradient", 5000)):
+        out = kl_combine(gen, [group], [spec], solver=solver, max_iter=iters, tol=1e-13)
+        assert torch.allclose(out, expected, atol=1e-8), solver
+
+
+@pytest.mark.parametrize("inside", [-1e4, -torch.inf])
+def test_dustbin_with_all_the_mass_keeps_the_shape_inside_the_group(inside):
+    gen, _, _ = random_instance(6, 12, 1, 4, 2.0)
+    gen[:, 2] += 8.0        # make class 2 every row's best guess, so the specialist is active
+    gen = torch.log_softmax(gen, 1)
+    group = torch.tensor([9, 2, 5, 7])
+    spec = torch.full((4, 5), inside, dtype=torch.float64)
+    spec[:, -1] = 0.0
+    other = torch.tensor([0, 11])   # a second active specialist, disjoint from the first
+    spec2 = torch.log_softmax(torch.randn(4, 3, dtype=torch.float64), 1)
+    active = torch.ones(4, 2, dtype=torch.bool)
+    for groups, specs, act in (([group], [spec], None), ([group, other], [spec, spec2], active)):
+        out = kl_combine(gen, groups, specs, active=act, tol=1e-13)
+        assert torch.isfinite(out).all()
+        shape = out[:, group] - out[:, group].logsumexp(1, keepdim=True)
+        assert torch.allclose(shape, gen[:, group] - gen[:, group].logsumexp(1, keepdim=True), atol=1e-10)
+    single = kl_combine(gen, [group], [spec])   # closed form with one specialist: q(S) = p_g(S) / 2
+    assert torch.allclose(single[:, group].logsumexp(1), gen[:, group].logsumexp(1) - np.log(2), atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype,atol", [(torch.float64, 1e-9), (torch.float32, 2e-3)])
+def test_underflowing_probabilities_stay_finite(dtype, atol):
+    """The generalist puts e^-900 on every other class; the specialist says 'not class 0'."""
+    K = 50
+    gen = torch.full((3, K), -900.0, dtype=torch.float64)
+    gen[:, 0] = 0.0
+    gen = torch.log_softmax(gen, 1).to(dtype)
+    spec = torch.tensor([[-1e4, 0.0]] * 3, dtype=dtype)
+    out = kl_combine(gen, [torch.tensor([0])], [spec])
+    assert not torch.isnan(out).any() and torch.isfinite(out).all()
+    expected = torch.full((3, K), np.log(0.5 / (K - 1)), dtype=torch.float64)
+    expected[:, 0] = np.log(0.5)
+    assert torch.allclose(out.double(), expected, atol=atol)
+
+
+def test_batched_chunked_and_row_by_row_agree():
+    gen, groups, specs = random_instance(9, 18, 5, 10, 3.0, group_size=6)
+    whole = kl_combine(gen, groups, specs, top_n=2, tol=1e-12)
+    chunked = kl_combine(gen, groups, specs, top_n=2, tol=1e-12, chunk_size=3)
+    rows = torch.cat([kl_combine(gen[b:b + 1], groups, [s[b:b + 1] for s in specs], top_n=2, tol=1e-12)
+                      for b in range(10)])
+    assert torch.allclose(whole, chunked, atol=1e-12) and torch.allclose(whole, rows, atol=1e-12)
+
+
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_runs_on_the_inputs_device(device):
+    gen, groups, specs = random_instance(8, 30, 6, 20, 2.0, dtype=torch.float32, group_size=8)
+    on_cpu = kl_combine(gen, groups, specs, top_n=2)
+    out = kl_combine(gen.to(device), [g.to(device) for g in groups], [s.to(device) for s in specs], top_n=2)
+    assert out.device.type == device and out.dtype == torch.float32
+    assert torch.allclose(out.cpu(), on_cpu, atol=1e-5)
+
+
+def test_top_n_activation():
+    gen = torch.log_softmax(torch.tensor([[1.0, 3.0, 5.0, 0.0, 2.0, 4.0]]), 1)   # order: 2, 5, 1, 4, 0, 3
+    groups = [torch.tensor([0, 1]), torch.tensor([2, 3]), torch.tensor([4]), torch.tensor([5, 1])]
+    assert active_specialists(gen, groups, 1).tolist() == [[False, True, False, False]]
+    assert active_specialists(gen, groups, 2).tolist() == [[False, True, False, True]]
+    assert active_specialists(gen, groups, 3).tolist() == [[True, True, False, True]]
+
+
+def test_product_of_experts_with_a_full_group_is_the_normalised_product():
+    gen, _, _ = random_instance(12, 6, 1, 3, 1.0)
+    group = torch.arange(6)
+    spec = torch.log_softmax(torch.randn(3, 7, dtype=torch.float64), 1)
+    out = product_of_experts(gen, [group], [spec], torch.ones(3, 1, dtype=torch.bool))
+    assert torch.allclose(out, torch.log_softmax(gen + torch.log_softmax(spec[:, :-1], 1), 1), atol=1e-12)
+
+
+# ----------------------------------------------------------------------------------------------
+# bad input
+
+
+def _good():
+    gen, groups, specs = random_instance(0, 8, 2, 3, 1.0, group_size=3)
+    return gen, groups, specs
+
+
+@pytest.mark.parametrize("case,needle", [
+    ("columns", "expected"), ("count", "groups but"), ("high_id", "outside"), ("negative_id", "outside"),
+    ("duplicate", "twice"), ("nan_gen", "NaN"), ("nan_spec", "NaN"), ("inf_gen", "+inf"), ("top_n", "top_n"),
+    ("solver", "unknown solver"), ("float_group", "integer"), ("empty_group", "empty"), ("active", "active"),
+    ("rows", "expected"),
+])
+def test_bad_input_is_one_clear_error(case, needle):
+    gen, groups, specs = _good()
+    kwargs = {}
+    if case == "columns":
+        specs[1] = specs[1][:, :-1]
+    elif case == "count":
+        specs = specs[:1]
+    elif case == "high_id":
+        groups[0] = torch.tensor([1, 8])
+        specs[0] = specs[0][:, :3]
+    elif case == "negative_id":
+        groups[0] = torch.tensor([-1, 2, 3])
+    elif case == "duplicate":
+        groups[0] = torch.tensor([2, 2, 3])
+    elif case == "nan_gen":
+        gen[1, 4] = torch.nan
+    elif case == "nan_spec":
+        specs[0][2, 0] = torch.nan
+        kwargs["active"] = torch.ones(3, 2, dtype=torch.bool)
+    elif case == "inf_gen":
+        gen[0, 0] = torch.inf
+    elif case == "top_n":
+        kwargs["top_n"] = 0
+    elif case == "solver":
+        kwargs["solver"] = "newton"
+    elif case == "float_group":
+        groups[0] = groups[0].double()
+    elif case == "empty_group":
+        groups[0] = torch.tensor([], dtype=torch.int64)
+        specs[0] = specs[0][:, :1]
+    elif case == "active":
+        kwargs["active"] = torch.ones(3, 5, dtype=torch.bool)
+    elif case == "rows":
+        specs[0] = specs[0][:2]
+    with pytest.raises(SpecdistillError) as err:
+        kl_combine(gen, groups, specs, **kwargs)
+    assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+def test_rows_of_inactive_specialists_are_never_read():
+    gen, groups, specs = _good()
+    active = torch.tensor([[True, False], [False, False], [True, True]])
+    expected = kl_combine(gen, groups, specs, active=active)
+    specs[1][:2] = torch.nan      # what a server leaves in rows where specialist 1 did not run
+    assert torch.equal(kl_combine(gen, groups, specs, active=active), expected)
+
+
+def test_evaluation_rejects_labels_out_of_range():
+    gen, groups, specs = _good()
+    with pytest.raises(SpecdistillError, match="labels"):
+        evaluate_predictions(gen, groups, specs, np.array([0, 1, 8]))
+
+
+def test_stage_without_upstream_stages_exits_with_one_line(tmp_path, capsys):
+    from combine.evaluate import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--run-dir", str(tmp_path / "run")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "\n" not in err and "generalist" in err
+
+
+# ----------------------------------------------------------------------------------------------
+# metrics and the evaluation
+
+
+def test_table4_rows():
+    covering = torch.tensor([0, 0, 1, 1, 1, 2, 11, 12])
+    base = torch.tensor([1, 0, 1, 0, 0, 1, 0, 1], dtype=torch.bool)
+    combined = torch.tensor([1, 0, 1, 1, 1, 0, 1, 1], dtype=torch.bool)
+    rows = table4(base, combined, covering)
+    assert [r["covering"] for r in rows] == [str(i) for i in range(10)] + ["10+"]
+    by = {r["covering"]: r for r in rows}
+    assert (by["0"]["examples"], by["0"]["delta_correct"], by["0"]["relative_change"]) == (2, 0, 0.0)
+    assert (by["1"]["examples"], by["1"]["delta_correct"], by["1"]["relative_change"]) == (3, 2, 2.0)
+    assert (by["2"]["delta_correct"], by["2"]["relative_change"]) == (-1, -1.0)
+    assert (by["10+"]["examples"], by["10+"]["delta_correct"], by["10+"]["relative_change"]) == (2, 1, 1.0)
+    assert by["5"]["examples"] == 0 and by["5"]["relative_change"] is None
+
+
+def test_conditional_accuracy_restricts_examples_and_predictions():
+    lp = torch.log_softmax(torch.tensor([[0.0, 2.0, 1.0, 5.0], [0.0, 1.0, 2.0, 5.0], [5.0, 0.0, 0.0, 0.0]]), 1)
+    labels = torch.tensor([1, 1, 0])
+    acc, n = conditional_accuracy(lp, labels, torch.tensor([1, 2]))
+    assert (acc, n) == (0.5, 2)   # class 3 wins unrestricted, but only classes 1 and 2 may answer
+
+
+def test_calibration_and_nll():
+    lp = torch.log(torch.tensor([[0.8, 0.2]] * 5, dtype=torch.float64))
+    labels = torch.tensor([0, 0, 0, 0, 1])   # 80% confident and 80% right: calibrated
+    assert expected_calibration_error(lp, labels) == pytest.approx(0.0, abs=1e-12)
+    assert expected_calibration_error(lp, torch.ones(5, dtype=torch.long)) == pytest.approx(0.8)
+    assert negative_log_likelihood(lp, labels) == pytest.approx(-(4 * np.log(0.8) + np.log(0.2)) / 5)
+
+
+def informative_ensemble(N=300, K=24, seed=0):
+    """A generalist that confuses classes within blocks of 6 and specialists that separate them."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, K, N)
+    block = labels // 6
+    logits = rng.normal(0, 1, (N, K))
+    for b in range(N):
+        logits[b, block[b] * 6:(block[b] + 1) * 6] += 2.5
+    logits[np.arange(N), labels] += 1.0
+    gen = torch.log_softmax(torch.tensor(logits), 1)
+    groups = [torch.arange(6 * i, 6 * i + 6) for i in range(3)] + [torch.tensor([4, 5, 6, 7])]
+    specs = []
+    for g in groups:
+        inside = rng.normal(0, 1, (N, len(g)))
+        member = np.isin(labels, g.numpy())
+        inside[member, [int((g == y).nonzero()) for y in labels[member]]] += 3.0
+        dust = np.where(member, -1.0, 2.0)[:, None]
+        specs.append(torch.log_softmax(torch.tensor(np.concatenate([inside, dust], 1)), 1))
+    return gen, groups, specs, torch.as_tensor(labels)
+
+
+def test_evaluate_predictions_tables_add_up():
+    gen, groups, specs, labels = informative_ensemble()
+    result = evaluate_predictions(gen, groups, specs, labels, top_n=1, keep_predictions=True)
+    systems = result["systems"]
+    assert set(systems) == {"generalist", "kl_top1", "kl_top2", "kl_top3", "average", "product"}
+    t3, rows = result["table3"], result["table4"]
+    assert sum(r["examples"] for r in rows) == len(labels)
+    gen_correct = round(systems["generalist"]["accuracy"] * len(labels))
+    ens_correct = round(systems["kl_top1"]["accuracy"] * len(labels))
+    assert sum(r["delta_correct"] for r in rows) == ens_correct - gen_correct
+    assert t3["ensemble_acc"] == systems["kl_top1"]["accuracy"] == result["ensemble"]["test_acc"]
+    assert t3["conditional_examples"] == int((labels < 18).sum())   # the groups cover classes 0..17
+    assert t3["ensemble_acc"] > t3["generalist_acc"]   # the specialists know what the generalist confuses
+    for name, lp in result["predictions"].items():
+        assert torch.allclose(lp.double().logsumexp(1), torch.zeros(len(labels), dtype=torch.float64),
+                              atol=1e-6), name
+    json.dumps({k: v for k, v in result.items() if k != "predictions"})   # eval.json-ready
+
+
+# ----------------------------------------------------------------------------------------------
+# the stage, end to end on tiny models
+
+
+def test_run_combine_writes_the_run_directory(tmp_path, monkeypatch):
+    from combine.evaluate import main, run_combine
+    from specdistill import data as data_module
+    from specdistill.artifacts import mark_done, read_npy, write_json
+    from specdistill.config import Config, ModelConfig, stage_hash
+    from specdistill.data import Dataset, Split
+    from specdistill.engine import predict_log_probs
+    from specdistill.models import build_model, save_classifier
+    from specialists.dustbin import specialist_log_probs
+
+    K, size = 6, 8
+    rng = np.random.default_rng(0)
+    test = Split(rng.integers(0, 255, (40, size, size), dtype=np.uint8), rng.integers(0, K, 40))
+    dataset = Dataset("tiny", [f"c{k}" for k in range(K)], test, test, test)
+    monkeypatch.setattr(data_module, "load_data", lambda cfg, seed=0: dataset)
+
+    run = tmp_path / "run"
+    cfg = Config(run_dir=str(run))
+    mcfg = ModelConfig(name="mlp", hidden=[16])
+    meta = {"model": mcfg.model_dump(), "channels": 1, "image_size": size}
+    torch.manual_seed(0)
+    generalist = build_model(mcfg, K, 1, size)
+    save_classifier(run / "generalist" / "model.safetensors", generalist, {**meta, "num_classes": K})
+    mark_done(run, "generalist", stage_hash(cfg, "generalist"))
+    groups, corrections = [[0, 1, 2], [2, 3, 4, 5]], [0.7, -0.3]
+    spec_models = []
+    for m, (classes, corr) in enumerate(zip(groups, corrections)):
+        model = build_model(mcfg, len(classes) + 1, 1, size)
+        save_classifier(run / "specialists" / f"{m:04d}.safetensors", model, {**meta, "num_classes": len(classes) + 1})
+        write_json(run / "specialists" / f"{m:04d}.json", {"id": m, "classes": classes, "dustbin_correction": corr})
+        spec_models.append(model)
+    mark_done(run, "specialists", stage_hash(cfg, "specialists"), ids=[0, 1])
+
+    result = run_combine(cfg)
+    out = run / "combine"
+    for name in ("eval.json", "report.md", "table4.png", "preds-test.npy", "done.json"):
+        assert (out / name).exists(), name
+    preds = torch.as_tensor(read_npy(out / "preds-test.npy"))
+    gen_lp = torch.as_tensor(predict_log_probs(generalist.eval(), test.images))
+    spec_lp = [specialist_log_probs(model.eval(), test.images, corr) for model, corr in zip(spec_models, corrections)]
+    expected = kl_combine(gen_lp, [torch.tensor(g) for g in groups], spec_lp)
+    assert torch.allclose(preds, expected, atol=1e-5)
+    assert result["num_examples"] == 40 and result["num_specialists"] == 2
+    assert "Table 4" in (out / "report.md").read_text()
+
+    stamp = (out / "eval.json").stat().st_mtime_ns
+    assert run_combine(cfg)["table3"] == result["table3"]        # done: read back, not redone
+    assert (out / "eval.json").stat().st_mtime_ns == stamp
+    main(["--run-dir", str(run), "--force", "--set", "combine.top_n=2"])
+    assert json.loads((out / "eval.json").read_text())["top_n"] == 2
