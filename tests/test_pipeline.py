@@ -1,0 +1,124 @@
+"""End to end: the whole pipeline on a tiny config, every artifact present and consistent, and a
+run killed in the middle of the specialist stage finishing without redoing finished work."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from specdistill.artifacts import read_json
+from specdistill.config import STAGES, load_config, stage_hash
+
+TINY = Path(__file__).parent / "configs" / "tiny.yaml"
+
+
+def _run(run_dir: Path, *extra: str, **kwargs) -> subprocess.Popen:
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "specdistill.cli", "run", str(TINY), "--run-dir", str(run_dir),
+                             *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            start_new_session=True, **kwargs)
+
+
+def _finish(proc: subprocess.Popen, timeout: float = 600) -> str:
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out[-3000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("pipeline") / "tiny"
+    out = _finish(_run(run))
+    return run, out
+
+
+def test_every_artifact_exists_and_agrees(finished_run):
+    run, out = finished_run
+    cfg = load_config(TINY, [f"run_dir={run}"])
+    for stage in STAGES:
+        assert read_json(run / stage / "done.json")["config_hash"] == stage_hash(cfg, stage)
+    meta = read_json(run / "generalist" / "meta.json")
+    k = meta["num_classes"]
+    assert k == cfg.data.num_classes == len(meta["class_names"])
+    labels_test = np.load(run / "generalist" / "labels-test.npy")
+    for split in ("val", "test"):
+        preds = np.load(run / "generalist" / f"preds-{split}.npy")
+        labels = np.load(run / "generalist" / f"labels-{split}.npy")
+        assert preds.shape == (len(labels), k) and np.allclose(np.exp(preds).sum(1), 1, atol=1e-4)
+    clusters = read_json(run / "clustering" / "clusters.json")
+    groups = {g["id"]: g for g in clusters["groups"]}
+    assert groups and clusters["class_names"] == meta["class_names"]
+    for g in groups.values():
+        assert len(g["classes"]) >= cfg.clustering.min_size and max(g["classes"]) < k
+        assert g["names"] == [meta["class_names"][c] for c in g["classes"]]
+    specialist_files = sorted((run / "specialists").glob("[0-9]*.json"))
+    assert len(specialist_files) == len(groups)
+    for path in specialist_files:
+        spec = read_json(path)
+        assert spec["classes"] == groups[spec["id"]]["classes"]
+        assert np.isfinite(spec["dustbin_correction"])
+        assert path.with_suffix(".safetensors").stat().st_size > 0
+    ev = read_json(run / "combine" / "eval.json")
+    assert ev["num_examples"] == len(labels_test) and ev["num_classes"] == k
+    assert ev["num_specialists"] == len(groups)
+    assert ev["table3"]["generalist_acc"] == pytest.approx(meta["metrics"]["test_acc"], abs=1e-6)
+    student = read_json(run / "student" / "eval.json")
+    assert 0.0 <= student["test_acc"] <= 1.0 and (run / "student" / "model.safetensors").exists()
+    report = (run / "report.md").read_text()
+    for section in ("## Generalist", "Table 3", "Table 4", "## Distilled student", "Time and memory"):
+        assert section in report
+    for png in ("data-samples.png", "generalist/training.png", "clustering/covariance.png",
+                "clustering/groups.png", "combine/table4.png"):
+        assert (run / png).stat().st_size > 1000, png
+        assert png in report or png.split("/")[-1] in report
+    assert "generalist test acc" in out  # the summary table at the end of the run
+    leftovers = [p for p in run.rglob("*.tmp")]
+    assert not leftovers, leftovers
+
+
+def test_a_second_run_skips_every_stage(finished_run):
+    run, _ = finished_run
+    stamps = {p: p.stat().st_mtime_ns for p in run.rglob("*.safetensors")}
+    out = _finish(_run(run))
+    assert "already" in out
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*.safetensors")} == stamps
+
+
+def test_killed_during_specialists_resumes_without_redoing_work(tmp_path):
+    run = tmp_path / "tiny"
+    proc = _run(run)
+    first = run / "specialists" / "0000.json"
+    deadline = time.time() + 600
+    while not any((run / "specialists").glob("[0-9]*.json")):
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        assert time.time() < deadline
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and its Ray workers die at once
+    proc.wait()
+    finished = sorted((run / "specialists").glob("[0-9]*.json"))
+    assert finished and not (run / "specialists" / "done.json").exists()
+    generalist_stamp = (run / "generalist" / "model.safetensors").stat().st_mtime_ns
+    stamps = {p: p.with_suffix(".safetensors").stat().st_mtime_ns for p in finished}
+    out = _finish(_run(run))
+    assert "generalist: already trained" in out
+    assert (run / "generalist" / "model.safetensors").stat().st_mtime_ns == generalist_stamp
+    for path, stamp in stamps.items():
+        assert path.with_suffix(".safetensors").stat().st_mtime_ns == stamp, f"{path.name} was retrained"
+    assert (run / "student" / "done.json").exists()
+    assert json.loads((run / "specialists" / "done.json").read_text())["stage"] == "specialists"
+    del first
+
+
+def test_a_run_directory_from_another_config_is_one_clear_line(finished_run, tmp_path):
+    run, _ = finished_run
+    proc = subprocess.run([sys.executable, "-m", "combine.evaluate", "--config", str(TINY), "--run-dir", str(run),
+                           "--set", "generalist.train.epochs=7"], capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert proc.stderr.strip().startswith("error:") and proc.stderr.strip().count("\n") == 0
+    assert "different config" in proc.stderr or "not finished" in proc.stderr
