@@ -152,9 +152,15 @@ def _peek_num_classes(source: Path) -> int:
     if not source.exists():
         raise SpecdistillError(f"predictions file {source} not found; run the generalist stage first "
                                "or pass --probs FILE.npy")
-    if source.suffix == ".npz":
-        return int(load_predictions(source, progress=False).num_classes)
-    shape = read_npy(source, mmap=True).shape
+    if source.suffix == ".npz":   # scipy.sparse.save_npz stores the shape beside the arrays
+        try:
+            with np.load(source, allow_pickle=False) as stored:
+                shape = tuple(int(n) for n in stored["shape"])
+        except (ValueError, OSError, KeyError) as exc:
+            raise SpecdistillError(f"{source} is not a scipy sparse .npz ({exc}); save top-k "
+                                   "probabilities with scipy.sparse.save_npz, or pass a dense .npy") from None
+    else:
+        shape = read_npy(source, mmap=True).shape
     if len(shape) != 2:
         raise SpecdistillError(f"{source} has shape {tuple(shape)}; expected [N, K]: one row per held-out "
                                "example, one column per class")

@@ -33,7 +33,7 @@ class ClusterResult:
 
 
 def cluster_classes(probs: np.ndarray | sp.csr_matrix, k: int, *, matrix: str = DEFAULT_MATRIX,
-                    backend: str = "faiss", seed: int = 0, n_init: int = 3, max_iter: int = 100,
+                    backend: str = "faiss", seed: int = 0, n_init: int = 5, max_iter: int = 100,
                     sketch_dim: int | None = None, size: int | None = None, min_size: int = 1,
                     progress: bool = True) -> ClusterResult:
     """Group the K classes of ``probs`` ([N, K] probabilities, dense or CSR) into confusable groups.

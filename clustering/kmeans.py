@@ -30,7 +30,7 @@ KMEANS_BACKENDS: Registry[KMeansFn] = Registry("k-means backend")
 
 
 def run_kmeans(points: np.ndarray, k: int, *, backend: str = "faiss", seed: int = 0,
-               n_init: int = 3, max_iter: int = 100) -> KMeansResult:
+               n_init: int = 5, max_iter: int = 100) -> KMeansResult:
     """Cluster the rows of ``points`` into ``k`` groups with the named backend."""
     if not 1 <= k <= len(points):
         raise SpecdistillError(f"k={k} must be between 1 and the number of classes ({len(points)}); "

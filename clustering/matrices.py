@@ -35,9 +35,9 @@ _DENSE_CHUNK_BYTES = 64 * 2**20   # rows of a dense X processed at a time in X^T
 class PredictionMatrix:
     """M for one matrix kind, over predictions X ([N, K] dense array or CSR of probabilities).
 
-    ``a``/``b``/``z`` are the row scale, column scale and diagonal weight of the class docstring's
-    formula. For ``normalized`` the column norms are exact when ``dense()`` runs; the sketch path
-    sets them from its sketch instead (``set_column_norms``), which is accurate to ~sqrt(2/d).
+    ``a``/``b``/``z`` are the row scale, column scale and diagonal weight of the module docstring's
+    formula. For ``normalized`` kinds the column norms are exact when ``dense()`` runs; the sketch
+    path takes them from the sketch instead (``points_sketch``), accurate to ~sqrt(2/d).
     """
 
     def __init__(self, probs: np.ndarray | sp.csr_matrix, kind: str) -> None:

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from combine.activation import coverage
+from combine.activation import active_specialists, coverage
 from combine.baselines import average_of_distributions, product_of_experts
 from combine.kl import kl_combine
 from combine.metrics import system_metrics, table4, top1_correct
@@ -99,12 +99,17 @@ def evaluate_predictions(gen_log_probs, groups: Sequence, spec_log_probs: Sequen
 
 
 def run_combine(cfg: Config, force: bool = False) -> dict:
-    """The pipeline's combine stage; skipped (returning the stored result) when already done."""
+    """The pipeline's combine stage; skipped (returning the stored result) when already done.
+
+    The generalist runs on every test image; each specialist only on the images where the
+    generalist's top-1, 2 or 3 (or the configured top-n) activates it, all that any compared system
+    reads.
+    """
     from specdistill.data import load_data
     from specdistill.engine import predict_log_probs, resolve_device
     from specdistill.models import load_classifier
     from specialists.dustbin import specialist_log_probs  # the one place the correction is applied
-    from specialists.store import load_specialist
+    from specialists.store import info_path, load_specialist
 
     run = cfg.run_path
     out_dir = run / "combine"
@@ -134,21 +139,33 @@ def run_combine(cfg: Config, force: bool = False) -> dict:
     ids = spec_done.get("ids")
     if not ids:
         raise SpecdistillError(f"{run / 'specialists' / 'done.json'} lists no specialists; rerun that stage")
-    groups, spec_lps, spec_times = [], [], []
+    groups = []
     for m in ids:
-        model, info = load_specialist(run / "specialists", m, device)
-        bad = [c for c in info["classes"] if not isinstance(c, int) or not 0 <= c < K]
-        if bad:
-            raise SpecdistillError(f"specialist {m} names class {bad[0]} but the generalist has {K} classes; "
-                                   "rerun the specialists stage for this generalist")
-        began = time.perf_counter()
-        lp = specialist_log_probs(model, test.images, float(info["dustbin_correction"]), batch, device)
-        spec_times.append(time.perf_counter() - began)
+        info = read_json(info_path(run / "specialists", m))
+        bad = [c for c in info.get("classes", []) if not isinstance(c, int) or not 0 <= c < K]
+        if bad or not info.get("classes"):
+            raise SpecdistillError(f"specialist {m} names class {bad[0] if bad else None} but the generalist has "
+                                   f"{K} classes; rerun the specialists stage for this generalist")
         groups.append(torch.as_tensor(info["classes"], dtype=torch.int64))
-        spec_lps.append(lp.cpu())
+    # a specialist runs only where some compared top-n activates it; the rows it skips are never read
+    needed = torch.zeros(len(test), len(ids), dtype=torch.bool)
+    for n in {*TOP_N_COMPARED, cfg.combine.top_n}:
+        needed |= active_specialists(gen_lp, groups, n)
+    spec_lps, spec_times = [], []
+    for j, (m, group) in enumerate(zip(ids, groups)):
+        model, info = load_specialist(run / "specialists", m, device)
+        rows = needed[:, j].nonzero().squeeze(1).numpy()
+        lp = torch.zeros(len(test), len(group) + 1)
+        began = time.perf_counter()
+        if len(rows):
+            lp[rows] = specialist_log_probs(model, test.images[rows], float(info["dustbin_correction"]), batch,
+                                            device).cpu()
+        spec_times.append(time.perf_counter() - began)
+        spec_lps.append(lp)
         del model
     forward["specialists_s"] = float(sum(spec_times))
-    forward["per_specialist_s"] = float(np.mean(spec_times))
+    forward["specialist_images"] = int(needed.sum())
+    forward["num_specialists"] = len(ids)
 
     c = cfg.combine
     result = evaluate_predictions(gen_lp, groups, spec_lps, test.labels, top_n=c.top_n, solver=c.solver,

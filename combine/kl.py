@@ -36,8 +36,8 @@ def kl_combine(gen_log_probs: torch.Tensor, groups: Sequence, spec_log_probs: Se
     Serving the ensemble yourself: run the generalist, run a specialist only on the examples where
     it is active (``combine.active_specialists`` gives the [B, M] mask before any specialist runs),
     put its log-probabilities in its row of a [B, |S_m|+1] tensor (other rows are never read or
-    checked), and call this. Everything is batched (no loop over examples)
-    on the device of ``gen_log_probs``.
+    checked), and call this. Everything is batched (no loop over examples) on the device of
+    ``gen_log_probs``; on CPU it runs on one thread (see ``_one_cpu_thread``).
 
     Args:
         gen_log_probs: [B, K] generalist log-probabilities (log_softmax of the logits).

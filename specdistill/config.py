@@ -99,7 +99,7 @@ class ClusteringConfig(_Section):
     top_k: int | None = Field(None, ge=1)       # sparse path: keep the top-k probabilities per row
     sketch_dim: int | None = Field(None, ge=2)  # low-rank path: cluster a sketch of the columns
     seed: int | None = None                     # None = the experiment seed
-    n_init: int = Field(3, ge=1)                # k-means restarts (the best inertia wins)
+    n_init: int = Field(5, ge=1)                # k-means restarts (the best inertia wins)
     max_iter: int = Field(100, ge=1)
     # above this many classes, top_k / sketch_dim left unset become 32 / 256 (the scalable path)
     auto_scale_classes: int = Field(5000, ge=2)
