@@ -3,6 +3,9 @@
 PYTHON ?= python3
 CONFIG ?= configs/quickstart.yaml
 export RAY_USAGE_STATS_ENABLED = 0
+# idle OpenMP threads sleep instead of spinning: on a shared or oversubscribed CPU (Ray workers beside
+# the driver) spinning made small torch ops up to 40x slower here
+export OMP_WAIT_POLICY ?= PASSIVE
 STAMP := .setup.stamp
 
 .PHONY: setup demo test lint bench clean
