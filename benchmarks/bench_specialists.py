@@ -152,7 +152,12 @@ def part_scaling(env: dict, cfg: Config, specialists: int) -> None:
 
     from specialists import fanout, store
 
-    groups = env["groups"][:specialists]
+    # groups of one size, so that every specialist is the same work and ceil(S/W) x one is the ideal
+    sizes = [len(g["classes"]) for g in env["groups"]]
+    common = max(set(sizes), key=sizes.count)
+    groups = [g for g in env["groups"] if len(g["classes"]) == common][:specialists]
+    cfg = cfg.model_copy(deep=True)
+    cfg.specialists.train.patience = None          # every specialist runs all its epochs: comparable times
     torch.set_num_threads(1)
     t = time.perf_counter()
     train_one(env["state"], groups[0], env["data"], cfg, device="cpu")
@@ -173,7 +178,9 @@ def part_scaling(env: dict, cfg: Config, specialists: int) -> None:
                 rows.append((len(groups), workers, label, wall, ideal))
         finally:
             ray.shutdown()
-    print(f"\n## {len(groups)} specialists on W workers (one specialist in-process: {one:.1f} s, 1 thread)\n")
+    print(f"\nload average now {os.getloadavg()[0]:.1f}")
+    print(f"\n## {len(groups)} specialists of {common} classes on W workers (one specialist in-process: "
+          f"{one:.1f} s, 1 thread)\n")
     print("| S | W | workers | wall time | ideal ceil(S/W) x one | wall / ideal |")
     print("|---:|---:|---|---:|---:|---:|")
     for s, w, label, wall, ideal in rows:
@@ -265,6 +272,8 @@ def main() -> None:
     parser.add_argument("--groups", type=int, default=12, help="groups for the quality part")
     parser.add_argument("--specialists", type=int, default=4, help="S for the scaling part")
     parser.add_argument("--generalist-epochs", type=int, default=5)
+    parser.add_argument("--specialist-epochs", type=int, default=4,
+                        help="more epochs make each task longer, so fixed per-task costs weigh less")
     parser.add_argument("--soft", default="2:0.5,4:0.2", help="soft-target settings T:alpha to compare")
     parser.add_argument("--data", default="glyphs-latin", choices=["glyphs-latin", "synthetic"])
     parser.add_argument("--model", default="resnet8", choices=["mlp", "resnet8"],
@@ -278,10 +287,11 @@ def main() -> None:
     cfg = Config.model_validate({
         "device": "cpu", "data": data,
         "generalist": {"model": model, "train": {"lr": 0.05 if args.model == "mlp" else 0.1, "batch_size": 128}},
-        "specialists": {"train": {"epochs": 4, "batch_size": 128, "lr": 0.01, "patience": 2}},
+        "specialists": {"train": {"epochs": args.specialist_epochs, "batch_size": 128, "lr": 0.01, "patience": 2}},
     })
     print(f"# bench_specialists  ({' '.join(sys.argv)})")
-    print(f"machine: {machine()}; torch {torch.__version__}; {datetime.date.today()}")
+    print(f"machine: {machine()}; torch {torch.__version__}; {datetime.date.today()}; load average at start "
+          f"{os.getloadavg()[0]:.1f} (other processes share these cores)")
     env = setup(cfg, args.groups, args.generalist_epochs)
     parts = args.parts.split(",")
     if "overhead" in parts:
