@@ -21,6 +21,7 @@ from specdistill.artifacts import read_json, write_json
 from specdistill.cli import config_from_args, prepare_run_dir, setup_environment, stage_parser
 from specdistill.config import STAGES, Config
 from specdistill.errors import SpecdistillError, exit_on_error
+from specdistill.report import print_summary, write_report
 
 STAGE_FUNCTIONS = {
     "generalist": ("generalist.train", "run_generalist"),
@@ -92,9 +93,8 @@ def run_pipeline(cfg: Config, start: str | None = None, force: bool = False,
             timings[stage] = {"seconds": round(time.perf_counter() - began, 1),
                               "peak_rss_mb": round(mem.peak / 2**20)}
             write_json(timings_path, timings)
-    report = importlib.import_module("specdistill.report")
-    report.write_report(cfg, timings)
-    report.print_summary(cfg, timings)
+    write_report(cfg, timings)
+    print_summary(cfg, timings)
     return results
 
 
