@@ -128,9 +128,11 @@ def mlp(hidden: list[int], dropout: float = 0.0) -> ModelConfig:
 
 
 def describe(model: ModelConfig) -> str:
-    """'2x800' for the paper's equal-width nets."""
+    """'2x800' for the paper's equal-width MLPs, else the model's name and size."""
+    if model.name != "mlp":
+        return f"{model.name} depth {model.depth} width {model.width}"
     h = model.hidden
-    return f"{len(h)}x{h[0]}" if h and len(set(h)) == 1 else "-".join(map(str, h)) or model.name
+    return f"{len(h)}x{h[0]}" if h and len(set(h)) == 1 else "-".join(map(str, h))
 
 
 class Lab:

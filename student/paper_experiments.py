@@ -45,8 +45,10 @@ def gap(lab: Lab) -> Result:
     closed = ((hard.test_errors - distilled.test_errors) / (hard.test_errors - large.test_errors)
               if hard.test_errors > large.test_errors else None)
     t = s.loss.temperature
-    reg = (f"dropout {g.model.dropout:g} (input {lab.paper.input_dropout:g}), "
-           f"jitter {lab.paper.jitter_px:g} px")
+    parts = [(f"dropout {g.model.dropout:g}", g.model.dropout),
+             (f"input dropout {lab.paper.input_dropout:g}", lab.paper.input_dropout),
+             (f"jitter {lab.paper.jitter_px:g} px", lab.paper.jitter_px)]
+    reg = ", ".join(part for part, value in parts if value) or "none"
     rows = [
         ["large net", describe(g.model), reg, large.val_errors, large.test_errors, 67],
         ["small net, hard labels", describe(s.model), "none", hard.val_errors, hard.test_errors, 146],
