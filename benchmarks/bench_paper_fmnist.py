@@ -8,7 +8,7 @@ Prints, per experiment, our numbers next to the paper's (MNIST, or speech for ex
 Trained models are kept in the work directory (default runs/paper-fmnist/{full,quick}) under the
 hash of everything that determines them, so experiments share the large net and a second run only
 evaluates; use a new --work-dir (or --no-cache) to time a run from scratch. ``--quick`` runs every
-code path on 4,000 examples per split with fewer epochs and grids (about a minute or two).
+code path on 4,000 examples per split with fewer epochs and grids (25 s on a quiet machine).
 """
 
 from __future__ import annotations
