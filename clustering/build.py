@@ -10,6 +10,7 @@ input leaves the run directory as it was.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import time
 from pathlib import Path
 from typing import Any
@@ -142,8 +143,11 @@ def _fingerprint(source: Path, names_path: str | Path | None) -> dict:
     def one(path: Path) -> dict | None:
         if not path.exists():
             return None
-        stat = path.stat()
-        return {"path": str(path.resolve()), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+        digest = hashlib.sha256()
+        with open(path, "rb") as fh:   # by content: a copied or moved run directory still matches
+            while chunk := fh.read(1 << 24):
+                digest.update(chunk)
+        return {"name": path.name, "bytes": path.stat().st_size, "sha256": digest.hexdigest()[:16]}
 
     return {"predictions": one(source), "names": one(Path(names_path)) if names_path else None}
 

@@ -150,12 +150,19 @@ def is_done(run_dir: str | os.PathLike, stage: str, config_hash: str) -> bool:
         done = json.loads(marker.read_text(encoding="utf-8"))
     except json.JSONDecodeError:
         return False
-    if done.get("format_version") != FORMAT_VERSION:
-        raise SpecdistillError(
-            f"{marker} was written by an older specdistill (format {done.get('format_version')}, "
-            f"now {FORMAT_VERSION}); use a new run directory or pass --force"
-        )
+    check_format(marker, done)
     return done.get("config_hash") == config_hash
+
+
+def check_format(marker: Path, done: dict) -> None:
+    """A run directory written by a specdistill with another layout is refused, not misread."""
+    found = done.get("format_version")
+    if found != FORMAT_VERSION:
+        age = "an older" if isinstance(found, int) and found < FORMAT_VERSION or found is None else "a newer"
+        raise SpecdistillError(
+            f"{marker} was written by {age} specdistill (run-directory format {found}, this one reads "
+            f"{FORMAT_VERSION}); use a new run directory, or pass --force to redo the stage here"
+        )
 
 
 def require_done(run_dir: str | os.PathLike, stage: str, config_hash: str | None = None) -> dict:
@@ -166,6 +173,7 @@ def require_done(run_dir: str | os.PathLike, stage: str, config_hash: str | None
             f"stage '{stage}' has not finished in {run_dir}; run it first (specdistill run CONFIG)"
         )
     done = read_json(marker)
+    check_format(marker, done)
     if config_hash is not None and done.get("config_hash") != config_hash:
         raise SpecdistillError(
             f"{marker} was produced by a different config; rerun '{stage}' with this config "

@@ -42,11 +42,11 @@ def _plot_training_curve(run: Path) -> str | None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    out = run / "generalist" / "training.png"
+    out = run / "generalist-training.png"   # the report's own: stage folders stay as the stages left them
     with atomic_path(out) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
-    return "generalist/training.png"
+    return out.name
 
 
 def _sample_grid(cfg: Config, run: Path) -> str | None:

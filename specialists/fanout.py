@@ -32,7 +32,7 @@ import ray
 import ray.exceptions as rex
 from tqdm.auto import tqdm
 
-from specdistill.artifacts import load_weights, mark_done, read_json
+from specdistill.artifacts import is_done, load_weights, mark_done, read_json
 from specdistill.cli import config_from_args, prepare_run_dir, setup_environment, stage_parser
 from specdistill.config import Config, stage_hash
 from specdistill.errors import SpecdistillError, exit_on_error
@@ -160,6 +160,13 @@ def run_specialists(cfg: Config, force: bool = False, progress: bool = True, add
     groups = inputs["groups"]
     keys = {g["id"]: store.specialist_key(cfg, inputs["generalist_sha"], g) for g in groups}
     todo = [g for g in groups if force or not store.is_finished(spec_dir, g["id"], keys[g["id"]])]
+    digest = stage_hash(cfg, STAGE)
+    if not todo and is_done(run, STAGE, digest):
+        done = read_json(spec_dir / "done.json")
+        if done.get("ids") == [g["id"] for g in groups]:
+            print(f"specialists: all {len(groups)} already trained in {spec_dir} (config hash {digest}); "
+                  "use --force to retrain")
+            return {**done, "trained": 0, "skipped": len(groups), "resubmitted": 0}
     if force:  # also forget half-trained checkpoints of an interrupted run
         shutil.rmtree(spec_dir / ".work", ignore_errors=True)
     began = time.perf_counter()
@@ -177,7 +184,7 @@ def run_specialists(cfg: Config, force: bool = False, progress: bool = True, add
     shutil.rmtree(spec_dir / ".work", ignore_errors=True)
     infos = [read_json(store.info_path(spec_dir, g["id"])) for g in groups]
     summary.update(_summarise(infos), seconds=round(time.perf_counter() - began, 1))
-    mark_done(run, STAGE, stage_hash(cfg, STAGE), ids=[g["id"] for g in groups],
+    mark_done(run, STAGE, digest, ids=[g["id"] for g in groups],
               **{k: v for k, v in summary.items() if k != "ids"})
     print(f"specialists: {summary['trained']} trained, {summary['skipped']} reused, {summary['total']} in all; "
           f"held-out accuracy within the group {summary['mean_specialist_group_acc']:.4f} vs the "

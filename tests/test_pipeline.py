@@ -3,6 +3,7 @@ run killed in the middle of the specialist stage finishing without redoing finis
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -73,7 +74,7 @@ def test_every_artifact_exists_and_agrees(finished_run):
     report = (run / "report.md").read_text()
     for section in ("## Generalist", "Table 3", "Table 4", "## Distilled student", "Time and memory"):
         assert section in report
-    for png in ("data-samples.png", "generalist/training.png", "clustering/covariance.png",
+    for png in ("data-samples.png", "generalist-training.png", "clustering/covariance.png",
                 "clustering/groups.png", "combine/table4.png"):
         assert (run / png).stat().st_size > 1000, png
         assert png in report or png.split("/")[-1] in report
@@ -122,3 +123,59 @@ def test_a_run_directory_from_another_config_is_one_clear_line(finished_run, tmp
     assert proc.returncode != 0
     assert proc.stderr.strip().startswith("error:") and proc.stderr.strip().count("\n") == 0
     assert "different config" in proc.stderr or "not finished" in proc.stderr
+
+
+def _one_error_line(proc: subprocess.CompletedProcess) -> str:
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    line = proc.stderr.strip()
+    assert line.startswith("error:") and "\n" not in line, proc.stderr[-2000:]
+    return line
+
+
+def _stamps(run: Path) -> dict[Path, int]:
+    return {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file() and p.name != "config.yaml"}
+
+
+def test_a_run_directory_from_an_older_format_is_refused_untouched(finished_run, tmp_path):
+    run = tmp_path / "old"
+    shutil.copytree(finished_run[0], run)
+    marker = run / "generalist" / "done.json"
+    done = json.loads(marker.read_text())
+    marker.write_text(json.dumps({**done, "format_version": 0}))
+    before = _stamps(run)
+    proc = _run(run)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 2, out[-2000:]
+    assert "written by an older specdistill (run-directory format 0" in out and "--force" in out
+    assert _stamps(run) == before
+
+
+DISK_FULL = """
+import errno, sys
+import numpy as np
+from specdistill.cli import main
+real_save = np.save
+def save(fh, array, **kw):  # the disk fills up halfway through the combine stage's first array
+    fh.write(b"partial")
+    raise OSError(errno.ENOSPC, "No space left on device")
+np.save = save
+main(sys.argv[1:])
+"""
+
+
+def test_a_disk_that_fills_up_mid_write_is_one_line_and_loses_nothing(finished_run, tmp_path):
+    run = tmp_path / "full"
+    shutil.copytree(finished_run[0], run)
+    upstream = {p: t for p, t in _stamps(run).items() if p.parts[len(run.parts)] in
+                ("generalist", "clustering", "specialists")}
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    proc = subprocess.run([sys.executable, "-c", DISK_FULL, "run", str(TINY), "--run-dir", str(run),
+                           "--from", "combine"], capture_output=True, text=True, env=env, timeout=300)
+    line = _one_error_line(proc)
+    assert "disk full while writing" in line and "run the same command again" in line
+    assert not list(run.rglob("*.tmp")), "a partial file was left behind"
+    assert not (run / "combine" / "done.json").exists()
+    # space freed: the same command finishes, and nothing upstream was redone
+    out = _finish(_run(run))
+    assert "already" in out and (run / "student" / "done.json").exists()
+    assert {p: t for p, t in _stamps(run).items() if p in upstream} == upstream
