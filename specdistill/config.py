@@ -153,7 +153,9 @@ class StudentConfig(_Section):
     teacher_seeds: list[int] = Field(default_factory=lambda: [0, 1])
     cache_top_k: int = Field(32, ge=1)
     assistant: ModelConfig | None = None        # teacher-assistant chain: teacher -> assistant -> student
-    baselines: bool = True                      # also train hard-label and generalist-taught students
+    # students trained beside the main one for comparison: true = all three, false = none, or a list
+    # of "hard" (labels only), "from-generalist", "from-ensemble" (the main student's own is skipped)
+    baselines: bool | list[Literal["hard", "from-generalist", "from-ensemble"]] = True
 
 
 class PaperConfig(_Section):

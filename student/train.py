@@ -48,6 +48,9 @@ class StudentPlan:
     teacher: str | None
 
 
+BASELINES = ("hard", "from-generalist", "from-ensemble")
+
+
 def plan_students(cfg: Config) -> list[StudentPlan]:
     """The main student, the assistant before it when configured, and the baselines (deduplicated)."""
     s = cfg.student
@@ -61,12 +64,11 @@ def plan_students(cfg: Config) -> list[StudentPlan]:
         main_teacher = "assistant"
     title = "student" + (f" ({s.teacher} -> assistant -> student)" if main_teacher == "assistant" else "")
     plans.append(StudentPlan("student", title, s.model, s.loss, main_teacher))
-    if s.baselines:
-        for name, title, loss, teacher in (("hard", "hard labels only", hard, None),
-                                           ("from-generalist", "distilled from the generalist", distil,
-                                            "generalist"),
-                                           ("from-ensemble", "distilled from the ensemble", distil,
-                                            "ensemble")):
+    wanted = s.baselines if isinstance(s.baselines, list) else BASELINES if s.baselines else []
+    for name, title, loss, teacher in (("hard", "hard labels only", hard, None),
+                                       ("from-generalist", "distilled from the generalist", distil, "generalist"),
+                                       ("from-ensemble", "distilled from the ensemble", distil, "ensemble")):
+        if name in wanted:
             same_as_main = (teacher == main_teacher and (teacher is None or loss == s.loss))
             if not same_as_main:
                 plans.append(StudentPlan(name, title, s.model, loss, teacher))
@@ -122,8 +124,10 @@ def run_student(cfg: Config, force: bool = False, progress: bool = True,
         return result
     if force:
         shutil.rmtree(out, ignore_errors=True)
-    elif (out / "done.json").exists():   # finished for another config: keep only the keyed caches
-        for name in ("runs", "baselines", "done.json"):
+    elif (out / "done.json").exists():
+        # finished for another config: keep the keyed teacher caches and student runs (a student whose
+        # model, loss, schedule and teacher did not change is reused, not retrained)
+        for name in ("baselines", "done.json"):
             target = out / name
             shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
     require_done(run, "generalist", stage_hash(cfg, "generalist"))

@@ -175,6 +175,8 @@ def test_plans_dedupe_baselines_and_chain_the_assistant(tmp_path):
     plans = plan_students(_cfg(tmp_path, teacher="ensemble", baselines=False,
                                assistant={"name": "mlp", "hidden": [48]}))
     assert [(p.name, p.teacher) for p in plans] == [("assistant", "ensemble"), ("student", "assistant")]
+    chosen = plan_students(_cfg(tmp_path, teacher="ensemble", baselines=["hard", "from-ensemble"]))
+    assert [p.name for p in chosen] == ["student", "hard"]
     hard = plan_students(_cfg(tmp_path, loss={"name": "hard"}))
     assert [(p.name, p.teacher, p.loss.name) for p in hard] == [
         ("student", None, "hard"), ("from-generalist", "generalist", "hinton"),
@@ -287,6 +289,13 @@ def test_stage_end_to_end_with_baselines(tiny_run, capsys):
     run_student(cfg2, progress=False, dataset=data)
     assert read_json(out / "cache" / "ensemble" / "cache.json")["top_k"] == 3
     assert set(read_json(out / "eval.json")["students"]) == {"student"}
+    # adding a baseline keeps the main student (same model, loss, schedule and teacher): not retrained
+    run_folder = max((d for d in (out / "runs").iterdir() if d.name.startswith("student-")),
+                     key=lambda d: (d / "metrics.jsonl").stat().st_mtime_ns)   # cfg2's student
+    log_before = (run_folder / "metrics.jsonl").read_text()
+    run_student(_cfg(tmp_path, baselines=["hard"], cache_top_k=3), progress=False, dataset=data)
+    assert (run_folder / "metrics.jsonl").read_text() == log_before
+    assert set(read_json(out / "eval.json")["students"]) == {"student", "hard"}
 
 
 def test_stage_with_generalists_teacher_and_assistant(tiny_run):
