@@ -49,14 +49,19 @@ def setup_environment() -> None:
     os.environ.setdefault("KMP_WARNINGS", "0")
 
 
-COMMANDS = {
-    "run": ("specdistill.pipeline", "the whole pipeline, generalist to student"),
-    "generalist": ("generalist.train", "stage 1: train the generalist"),
-    "cluster": ("clustering.build", "stage 2: confusable groups from the generalist's held-out predictions"),
-    "specialists": ("specialists.fanout", "stage 3: train the specialists on Ray"),
-    "combine": ("combine.evaluate", "stage 4: combine generalist + specialists, paper tables 3 and 4"),
-    "student": ("student.train", "stage 5: distil the ensemble into one student"),
+# The stages, in pipeline order: module, the function ``specdistill run`` calls, the command name of
+# ``specdistill <command>`` (which calls the module's ``main``), and its help line.
+STAGE_ENTRY_POINTS = {
+    "generalist": ("generalist.train", "run_generalist", "generalist", "stage 1: train the generalist"),
+    "clustering": ("clustering.build", "run_clustering", "cluster",
+                   "stage 2: confusable groups from the generalist's held-out predictions"),
+    "specialists": ("specialists.fanout", "run_specialists", "specialists", "stage 3: train the specialists on Ray"),
+    "combine": ("combine.evaluate", "run_combine", "combine",
+                "stage 4: combine generalist + specialists, paper tables 3 and 4"),
+    "student": ("student.train", "run_student", "student", "stage 5: distil the ensemble into one student"),
 }
+COMMANDS = {"run": ("specdistill.pipeline", "the whole pipeline, generalist to student"),
+            **{command: (module, text) for module, _, command, text in STAGE_ENTRY_POINTS.values()}}
 
 
 @exit_on_error

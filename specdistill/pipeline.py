@@ -18,18 +18,10 @@ from typing import Any
 import psutil
 
 from specdistill.artifacts import read_json, write_json
-from specdistill.cli import config_from_args, prepare_run_dir, setup_environment, stage_parser
+from specdistill.cli import STAGE_ENTRY_POINTS, config_from_args, prepare_run_dir, setup_environment, stage_parser
 from specdistill.config import STAGES, Config
 from specdistill.errors import SpecdistillError, exit_on_error
 from specdistill.report import print_summary, write_report
-
-STAGE_FUNCTIONS = {
-    "generalist": ("generalist.train", "run_generalist"),
-    "clustering": ("clustering.build", "run_clustering"),
-    "specialists": ("specialists.fanout", "run_specialists"),
-    "combine": ("combine.evaluate", "run_combine"),
-    "student": ("student.train", "run_student"),
-}
 
 
 class PeakMemory:
@@ -82,7 +74,7 @@ def run_pipeline(cfg: Config, start: str | None = None, force: bool = False,
     results: dict[str, Any] = {}
     last = STAGES.index(stop) if stop else len(STAGES) - 1
     for stage in STAGES[: last + 1]:
-        module_name, fn_name = STAGE_FUNCTIONS[stage]
+        module_name, fn_name, _, _ = STAGE_ENTRY_POINTS[stage]
         fn = getattr(importlib.import_module(module_name), fn_name)
         print(f"\n== {stage} ==", flush=True)
         began = time.perf_counter()

@@ -179,3 +179,15 @@ def test_a_disk_that_fills_up_mid_write_is_one_line_and_loses_nothing(finished_r
     out = _finish(_run(run))
     assert "already" in out and (run / "student" / "done.json").exists()
     assert {p: t for p, t in _stamps(run).items() if p in upstream} == upstream
+
+
+def test_every_stage_has_one_entry_point_in_pipeline_order():
+    import importlib
+
+    from specdistill.cli import COMMANDS, STAGE_ENTRY_POINTS
+
+    assert tuple(STAGE_ENTRY_POINTS) == STAGES
+    for module, function, command, _ in STAGE_ENTRY_POINTS.values():
+        loaded = importlib.import_module(module)
+        assert callable(getattr(loaded, function)) and callable(loaded.main)
+        assert COMMANDS[command][0] == module
