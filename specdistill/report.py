@@ -88,6 +88,12 @@ def headline(cfg: Config) -> dict[str, Any]:
     st = _load(run / "student" / "eval.json")
     if st:
         out["student test acc"] = st["test_acc"]
+        main = (st.get("students") or {}).get("student", {})
+        if gen and gen.get("macs") and main.get("macs"):
+            out["student compute"] = f"{main['macs'] / gen['macs']:.2f}x the generalist's multiply-adds"
+        hard = (st.get("students") or {}).get("hard")
+        if hard:
+            out["hard-label student test acc"] = hard["test_acc"]
         kept = (st.get("gain_kept") or {}).get("student")
         if kept is not None:
             out["student keeps of the ensemble's gain"] = f"{kept:.0%}"
