@@ -97,7 +97,8 @@ def train_one(cfg: Config, plan: StudentPlan, dataset: Dataset, teacher: Teacher
 
 def _run_folder(plan: StudentPlan, teacher_key: str, cfg: Config) -> str:
     """Checkpoint folder name: a different student config never resumes another one's checkpoint."""
-    blob = json.dumps([plan.model.model_dump(), plan.loss.model_dump(), cfg.student.train.model_dump(),
+    loss = {"name": "hard"} if plan.loss.name == "hard" else plan.loss.model_dump()   # T, alpha unused
+    blob = json.dumps([plan.model.model_dump(), loss, cfg.student.train.model_dump(),
                        teacher_key, cfg.seed], sort_keys=True, default=str)
     return f"{plan.name}-{hashlib.sha256(blob.encode()).hexdigest()[:8]}"
 

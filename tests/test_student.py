@@ -19,7 +19,7 @@ from specdistill.kd import Distiller, build_loss
 from specdistill.models import build_model
 from student.cache import TeacherCache, build_cache, cache_key, compress, load_cache, load_or_build
 from student.teachers import average_log_probs
-from student.train import StudentPlan, plan_students, train_one
+from student.train import StudentPlan, _run_folder, plan_students, train_one
 
 torch.set_num_threads(1)
 
@@ -177,6 +177,11 @@ def test_plans_dedupe_baselines_and_chain_the_assistant(tmp_path):
     assert [(p.name, p.teacher) for p in plans] == [("assistant", "ensemble"), ("student", "assistant")]
     chosen = plan_students(_cfg(tmp_path, teacher="ensemble", baselines=["hard", "from-ensemble"]))
     assert [p.name for p in chosen] == ["student", "hard"]
+    # the hard-label baseline ignores the temperature: a new T reuses its run, but not the student's
+    cfg_t1 = _cfg(tmp_path, teacher="ensemble", baselines=["hard"], loss={"temperature": 1.0})
+    cfg_t4 = _cfg(tmp_path, teacher="ensemble", baselines=["hard"], loss={"temperature": 4.0})
+    folders = [[_run_folder(p, "k", c) for p in plan_students(c)] for c in (cfg_t1, cfg_t4)]
+    assert folders[0][1] == folders[1][1] and folders[0][0] != folders[1][0]
     hard = plan_students(_cfg(tmp_path, loss={"name": "hard"}))
     assert [(p.name, p.teacher, p.loss.name) for p in hard] == [
         ("student", None, "hard"), ("from-generalist", "generalist", "hinton"),
