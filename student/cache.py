@@ -136,6 +136,22 @@ def compress(log_probs: torch.Tensor, top_k: int) -> tuple[np.ndarray, np.ndarra
             torch.nan_to_num(residual, nan=0.0).numpy().astype(np.float32))
 
 
+def tempered_tail_share(cache: TeacherCache, temperature: float, sample: int = 2048) -> float:
+    """Mean share of the tempered targets ``softmax(log p / T)`` on the classes outside the top k.
+
+    The cache keeps that tail only as an even split of its mass, which ``1 / T`` flattens further: with
+    a thousand classes and T = 4 the tail can outweigh the teacher's top classes (on hanzi-1k, 81% of
+    the tempered mass sat there and the teacher's top class got 5%), and the soft term then mostly
+    teaches a flat tail. Reported per cache, so a temperature can be chosen knowing it.
+    """
+    if len(cache) == 0 or cache.top_k >= cache.num_classes:
+        return 0.0
+    index = torch.linspace(0, len(cache) - 1, min(sample, len(cache))).long()
+    soft = torch.softmax(cache.lookup(index) / temperature, dim=1)
+    top = soft.gather(1, cache.indices[index].long()).sum(1)
+    return float(1.0 - top.mean())
+
+
 def build_cache(teacher: TeacherFn, images: np.ndarray, top_k: int, key: str,
                 description: dict[str, Any] | None = None, batch_size: int = 512,
                 progress: bool = True, desc: str = "teacher cache") -> TeacherCache:

@@ -32,7 +32,7 @@ from specdistill.engine import evaluate, fit, resolve_device
 from specdistill.errors import SpecdistillError, exit_on_error
 from specdistill.kd import Distiller, loss_from_config
 from specdistill.models import Classifier, build_model, count_flops, save_classifier
-from student.cache import TeacherCache, build_cache, cache_key, data_fingerprint, load_or_build
+from student.cache import TeacherCache, build_cache, cache_key, data_fingerprint, load_or_build, tempered_tail_share
 from student.report import evaluation, render_report
 from student.teachers import describe_teacher, make_teacher, models_teacher
 
@@ -149,6 +149,12 @@ def run_student(cfg: Config, force: bool = False, progress: bool = True,
                 lambda: make_teacher(cfg, kind, dataset, device, progress), dataset.train.images,
                 cfg.student.cache_top_k, cfg.student.train.eval_batch_size, progress, f"{kind} teacher")
             cache_seconds[kind] = time.perf_counter() - began
+            temperature = cfg.student.loss.temperature
+            tail = tempered_tail_share(caches[kind], temperature)
+            if tail > 0.5 and cfg.student.loss.name != "hard":
+                print(f"student: warning: at T={temperature:g}, {tail:.0%} of the {kind} teacher's soft targets "
+                      f"lie outside its top {caches[kind].top_k} classes (kept as an even share), so the soft "
+                      "term mostly teaches a flat tail; try a lower student.loss.temperature", flush=True)
         return caches[kind]
 
     students: dict[str, dict[str, Any]] = {}

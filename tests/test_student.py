@@ -347,3 +347,17 @@ def test_ensemble_accuracy_is_measured_when_combine_report_lacks_it(tiny_run):
     assert ens["source"].startswith("student stage") and 0.1 < ens["test_acc"] <= 1.0
     gen = result["teachers"]["generalist"]["test_acc"]
     assert result["ensemble_gain"] == pytest.approx(ens["test_acc"] - gen)
+
+
+def test_tempered_tail_share_by_hand():
+    from student.cache import tempered_tail_share
+
+    # 4 classes, top 1 kept: p = 0.7 on the top class, 0.3 spread evenly over the other three
+    log_probs = torch.log(torch.tensor([[0.7, 0.1, 0.1, 0.1], [0.1, 0.7, 0.1, 0.1]]))
+    cache = TeacherCache(*compress(log_probs, 1), num_classes=4, key="k")
+    assert tempered_tail_share(cache, 1.0) == pytest.approx(0.3, abs=1e-3)
+    share_t2 = 3 * 0.1 ** 0.5 / (0.7 ** 0.5 + 3 * 0.1 ** 0.5)
+    assert tempered_tail_share(cache, 2.0) == pytest.approx(share_t2, abs=1e-3)
+    assert tempered_tail_share(cache, 100.0) > 0.74          # T -> infinity: uniform, 3/4 outside
+    full = TeacherCache(*compress(log_probs, 4), num_classes=4, key="k")
+    assert tempered_tail_share(full, 4.0) == 0.0
