@@ -17,9 +17,9 @@ from typing import Any
 
 import psutil
 
-from specdistill.artifacts import read_json, write_json
+from specdistill.artifacts import is_done, read_json, write_json
 from specdistill.cli import STAGE_ENTRY_POINTS, config_from_args, prepare_run_dir, setup_environment, stage_parser
-from specdistill.config import STAGES, Config
+from specdistill.config import STAGES, Config, stage_hash
 from specdistill.errors import SpecdistillError, exit_on_error
 from specdistill.report import print_summary, write_report
 
@@ -78,7 +78,7 @@ def run_pipeline(cfg: Config, start: str | None = None, force: bool = False,
         fn = getattr(importlib.import_module(module_name), fn_name)
         print(f"\n== {stage} ==", flush=True)
         began = time.perf_counter()
-        was_done = (run / stage / "done.json").exists()
+        was_done = is_done(run, stage, stage_hash(cfg, stage))   # done for another config: it reruns
         with PeakMemory() as mem:
             results[stage] = fn(cfg)
         if not was_done or stage not in timings:

@@ -191,3 +191,36 @@ def test_every_stage_has_one_entry_point_in_pipeline_order():
         loaded = importlib.import_module(module)
         assert callable(getattr(loaded, function)) and callable(loaded.main)
         assert COMMANDS[command][0] == module
+
+
+def test_a_stage_rerun_for_a_new_config_gets_its_new_time(tmp_path, monkeypatch):
+    import types
+
+    from specdistill import pipeline
+    from specdistill.artifacts import mark_done
+    from specdistill.config import validate_config
+
+    def stage(name):
+        def run(cfg):
+            time.sleep(cfg.student.train.epochs / 10 if name == "student" else 0)
+            mark_done(cfg.run_path, name, stage_hash(cfg, name))
+        return run
+
+    fake = types.ModuleType("fake_stages")
+    for name in STAGES:
+        setattr(fake, f"run_{name}", stage(name))
+    monkeypatch.setitem(sys.modules, "fake_stages", fake)
+    monkeypatch.setattr(pipeline, "STAGE_ENTRY_POINTS", {s: ("fake_stages", f"run_{s}", s, "") for s in STAGES})
+    monkeypatch.setattr(pipeline, "write_report", lambda cfg, timings: None)
+    monkeypatch.setattr(pipeline, "print_summary", lambda cfg, timings: None)
+
+    def cfg(epochs):
+        return validate_config({"name": "t", "run_dir": str(tmp_path / "run"),
+                                "student": {"train": {"epochs": epochs}}})
+
+    pipeline.run_pipeline(cfg(1))
+    first = read_json(tmp_path / "run" / "timings.json")
+    pipeline.run_pipeline(cfg(5))          # only the student's config changed: it reruns, slower
+    second = read_json(tmp_path / "run" / "timings.json")
+    assert second["student"]["seconds"] >= 0.5 > first["student"]["seconds"]
+    assert second["generalist"] == first["generalist"]
