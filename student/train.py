@@ -54,7 +54,7 @@ BASELINES = ("hard", "from-generalist", "from-ensemble")
 def plan_students(cfg: Config) -> list[StudentPlan]:
     """The main student, the assistant before it when configured, and the baselines (deduplicated)."""
     s = cfg.student
-    hard = s.loss.model_copy(update={"name": "hard"})
+    hard = StudentLossConfig(name="hard")   # the hard-label baseline does not depend on T or alpha
     distil = s.loss if s.loss.name != "hard" else s.loss.model_copy(update={"name": "hinton"})
     main_teacher = None if s.loss.name == "hard" else s.teacher
     plans: list[StudentPlan] = []

@@ -182,6 +182,7 @@ def test_plans_dedupe_baselines_and_chain_the_assistant(tmp_path):
     cfg_t4 = _cfg(tmp_path, teacher="ensemble", baselines=["hard"], loss={"temperature": 4.0})
     folders = [[_run_folder(p, "k", c) for p in plan_students(c)] for c in (cfg_t1, cfg_t4)]
     assert folders[0][1] == folders[1][1] and folders[0][0] != folders[1][0]
+    assert plan_students(cfg_t1)[1] == plan_students(cfg_t4)[1]     # so its checkpoint resumes too
     hard = plan_students(_cfg(tmp_path, loss={"name": "hard"}))
     assert [(p.name, p.teacher, p.loss.name) for p in hard] == [
         ("student", None, "hard"), ("from-generalist", "generalist", "hinton"),
