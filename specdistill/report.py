@@ -95,8 +95,8 @@ def headline(cfg: Config) -> dict[str, Any]:
         if hard:
             out["hard-label student test acc"] = hard["test_acc"]
         kept = (st.get("gain_kept") or {}).get("student")
-        if kept is not None:
-            out["student keeps of the ensemble's gain"] = f"{kept:.0%}"
+        if kept is not None:   # a share below zero only says the student is under the generalist
+            out["student keeps of the ensemble's gain"] = f"{kept:.0%}" if kept >= 0 else "none (below the generalist)"
     return out
 
 

@@ -203,7 +203,8 @@ def run_student(cfg: Config, force: bool = False, progress: bool = True,
     mark_done(run, "student", digest, test_acc=result["test_acc"])
     gain = result["gain_kept"].get("student")
     print(f"student: test accuracy {result['test_acc']:.4f}"
-          + (f", keeps {gain:.0%} of the ensemble's gain over the generalist" if gain is not None else "")
+          + (f", keeps {gain:.0%} of the ensemble's gain over the generalist" if gain is not None and gain >= 0
+             else ", below the generalist" if gain is not None else "")
           + f" -> {out}")
     return result
 
