@@ -16,10 +16,12 @@ import torch
 
 from combine.activation import active_specialists, coverage
 from combine.baselines import average_of_distributions, product_of_experts
+from combine.calibration import FILE as CALIBRATION_FILE
+from combine.calibration import apply_temperature, fit_temperature
 from combine.kl import kl_combine
 from combine.metrics import system_metrics, table4, top1_correct
 from combine.report import write_report
-from specdistill.artifacts import is_done, mark_done, read_json, require_done, write_json, write_npy
+from specdistill.artifacts import is_done, mark_done, read_json, read_npy, require_done, write_json, write_npy
 from specdistill.config import Config, stage_hash
 from specdistill.errors import SpecdistillError, exit_on_error
 
@@ -109,6 +111,7 @@ def run_combine(cfg: Config, force: bool = False) -> dict:
     from specdistill.engine import predict_log_probs, resolve_device
     from specdistill.models import load_classifier
     from specialists.dustbin import specialist_log_probs  # the one place the correction is applied
+    from specialists.sampler import fold_labels
     from specialists.store import info_path, load_specialist
 
     run = cfg.run_path
@@ -123,7 +126,8 @@ def run_combine(cfg: Config, force: bool = False) -> dict:
     device = resolve_device(cfg.device)
     gen_model, gen_meta = load_classifier(run / "generalist" / "model.safetensors", device)
     K = int(gen_meta["num_classes"])
-    test = load_data(cfg.data, cfg.seed).test
+    data = load_data(cfg.data, cfg.seed)
+    test = data.test
     if len(test) == 0:
         raise SpecdistillError("the test split is empty; check data.limit and the data source")
     if int(test.labels.max()) >= K:
@@ -151,18 +155,38 @@ def run_combine(cfg: Config, force: bool = False) -> dict:
     needed = torch.zeros(len(test), len(ids), dtype=torch.bool)
     for n in {*TOP_N_COMPARED, cfg.combine.top_n}:
         needed |= active_specialists(gen_lp, groups, n)
+    calibration = None
+    if cfg.combine.calibrate:   # temperatures fitted on the held-out split, never on test
+        val_gen = read_npy(run / "generalist" / "preds-val.npy")
+        val_gen = torch.log_softmax(torch.as_tensor(np.asarray(val_gen), dtype=torch.float32), dim=1)
+        val_active = active_specialists(val_gen, groups, cfg.combine.top_n)
+        calibration = {"split": "val", "generalist": fit_temperature(val_gen, data.val.labels), "specialists": []}
+        gen_lp = apply_temperature(gen_lp, calibration["generalist"])
     spec_lps, spec_times = [], []
     for j, (m, group) in enumerate(zip(ids, groups)):
         model, info = load_specialist(run / "specialists", m, device)
+        correction = float(info["dustbin_correction"])
+        tau = 1.0
+        if calibration is not None:
+            hit = val_active[:, j].numpy()
+            local = fold_labels(data.val.labels[hit], group.numpy())
+            tau = fit_temperature(specialist_log_probs(model, data.val.images[hit], correction, batch, device)
+                                  if hit.any() else torch.zeros(0, len(group) + 1), local)
+            calibration["specialists"].append(tau)
         rows = needed[:, j].nonzero().squeeze(1).numpy()
         lp = torch.zeros(len(test), len(group) + 1)
         began = time.perf_counter()
         if len(rows):
-            lp[rows] = specialist_log_probs(model, test.images[rows], float(info["dustbin_correction"]), batch,
-                                            device).cpu()
+            lp[rows] = apply_temperature(specialist_log_probs(model, test.images[rows], correction, batch,
+                                                              device).cpu(), tau)
         spec_times.append(time.perf_counter() - began)
         spec_lps.append(lp)
         del model
+    if calibration is not None:
+        write_json(out_dir / CALIBRATION_FILE, calibration)
+        taus = np.array(calibration["specialists"])
+        print(f"combine: temperatures on held-out data: generalist {calibration['generalist']:.2f}, specialists "
+              f"median {np.median(taus):.2f} (range {taus.min():.2f}-{taus.max():.2f})")
     forward["specialists_s"] = float(sum(spec_times))
     forward["specialist_images"] = int(needed.sum())
     forward["num_specialists"] = len(ids)

@@ -135,6 +135,8 @@ class CombineConfig(_Section):
     solver: Literal["fixed_point", "em", "gradient"] = "fixed_point"   # see combine.kl_combine
     max_iter: int = Field(200, ge=1)
     tol: float = Field(1e-9, gt=0.0)
+    # fit a temperature per model (generalist, each specialist) on held-out data before combining
+    calibrate: bool = False
 
 
 class StudentLossConfig(_Section):

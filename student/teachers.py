@@ -112,6 +112,7 @@ def generalists_teacher(paths: Sequence[Path], dataset: Dataset, device: torch.d
 def ensemble_teacher(cfg: Config, dataset: Dataset, device: torch.device, batch_size: int = 512) -> TeacherFn:
     """Generalist + every specialist, combined per example with ``combine.kl_combine``."""
     from combine import active_specialists, kl_combine  # earlier stages: allowed, imported lazily
+    from combine.calibration import apply_temperature, load_calibration
     from specialists.dustbin import specialist_log_probs
     from specialists.store import load_specialists
 
@@ -122,12 +123,16 @@ def ensemble_teacher(cfg: Config, dataset: Dataset, device: torch.device, batch_
     specialists = load_specialists(run, device)
     groups = [torch.as_tensor(info["classes"], dtype=torch.long, device=device) for _, info in specialists]
     corrections = [float(info.get("dustbin_correction", 0.0)) for _, info in specialists]
+    # the combine stage's held-out temperatures, so the teacher is the ensemble combine evaluated
+    calibration = (load_calibration(run, len(specialists)) if cfg.combine.calibrate
+                   else {"generalist": 1.0, "specialists": [1.0] * len(specialists)})
     if any(int(g.max()) >= dataset.num_classes for g in groups if len(g)):
         raise SpecdistillError(f"a specialist in {run / 'specialists'} names a class id >= "
                                f"{dataset.num_classes}; rerun the specialists stage for this data")
 
     def teacher(images: np.ndarray) -> torch.Tensor:
         gen = torch.log_softmax(predict_logits(generalist, images, batch_size, device), dim=1).to(device)
+        gen = apply_temperature(gen, calibration["generalist"])
         active = active_specialists(gen, groups, cfg.combine.top_n)
         spec = []
         for m, ((model, _), correction) in enumerate(zip(specialists, corrections)):
@@ -135,8 +140,8 @@ def ensemble_teacher(cfg: Config, dataset: Dataset, device: torch.device, batch_
             rows = torch.zeros(len(images), len(groups[m]) + 1, device=device)
             hit = active[:, m].cpu().numpy()
             if hit.any():
-                rows[torch.as_tensor(hit, device=device)] = specialist_log_probs(
-                    model, images[hit], correction, batch_size, device).to(device)
+                rows[torch.as_tensor(hit, device=device)] = apply_temperature(specialist_log_probs(
+                    model, images[hit], correction, batch_size, device).to(device), calibration["specialists"][m])
             spec.append(rows)
         return kl_combine(gen, groups, spec, top_n=cfg.combine.top_n, solver=cfg.combine.solver,
                           max_iter=cfg.combine.max_iter, tol=cfg.combine.tol, active=active).float().cpu()

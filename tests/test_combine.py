@@ -452,3 +452,32 @@ def test_run_combine_writes_the_run_directory(tmp_path, monkeypatch):
     assert (out / "eval.json").stat().st_mtime_ns == stamp
     main(["--run-dir", str(run), "--force", "--set", "combine.top_n=2"])
     assert json.loads((out / "eval.json").read_text())["top_n"] == 2
+    # calibrated: temperatures fitted on the held-out split (here the same tiny split), applied to test
+    from combine.calibration import apply_temperature, fit_temperature
+    from specdistill.artifacts import write_npy
+
+    write_npy(run / "generalist" / "preds-val.npy", gen_lp.numpy())
+    main(["--run-dir", str(run), "--force", "--set", "combine.calibrate=true"])
+    cal = json.loads((out / "calibration.json").read_text())
+    assert cal["split"] == "val" and len(cal["specialists"]) == 2
+    assert cal["generalist"] == fit_temperature(gen_lp, test.labels)
+    active = active_specialists(gen_lp, [torch.tensor(g) for g in groups], 1)
+    for m, classes in enumerate(groups):
+        hit = active[:, m].numpy()
+        local = np.where(np.isin(test.labels[hit], classes),
+                         np.searchsorted(classes, test.labels[hit]), len(classes))
+        assert cal["specialists"][m] == fit_temperature(spec_lp[m][hit], local)
+    expected = kl_combine(apply_temperature(gen_lp, cal["generalist"]), [torch.tensor(g) for g in groups],
+                          [apply_temperature(lp, t) for lp, t in zip(spec_lp, cal["specialists"])])
+    assert torch.allclose(torch.as_tensor(read_npy(out / "preds-test.npy")), expected, atol=1e-5)
+
+
+def test_temperature_fit_recovers_a_planted_temperature():
+    from combine.calibration import fit_temperature
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(20000, 10, generator=gen) * 2
+    labels = torch.multinomial(torch.softmax(logits, 1), 1, generator=gen).squeeze(1)
+    assert fit_temperature(torch.log_softmax(logits * 3, 1), labels) == pytest.approx(3.0, rel=0.06)
+    assert fit_temperature(torch.log_softmax(logits / 2, 1), labels) == pytest.approx(0.5, rel=0.06)
+    assert fit_temperature(torch.zeros(0, 3), []) == 1.0
