@@ -169,16 +169,15 @@ def run_combine(cfg: Config, force: bool = False) -> dict:
         tau = 1.0
         if calibration is not None:
             hit = val_active[:, j].numpy()
-            local = fold_labels(data.val.labels[hit], group.numpy())
-            tau = fit_temperature(specialist_log_probs(model, data.val.images[hit], correction, batch, device)
-                                  if hit.any() else torch.zeros(0, len(group) + 1), local)
+            if hit.any():
+                tau = fit_temperature(specialist_log_probs(model, data.val.images[hit], correction, batch, device),
+                                      fold_labels(data.val.labels[hit], group.numpy()))
             calibration["specialists"].append(tau)
         rows = needed[:, j].nonzero().squeeze(1).numpy()
         lp = torch.zeros(len(test), len(group) + 1)
         began = time.perf_counter()
         if len(rows):
-            lp[rows] = apply_temperature(specialist_log_probs(model, test.images[rows], correction, batch,
-                                                              device).cpu(), tau)
+            lp[rows] = specialist_log_probs(model, test.images[rows], correction, batch, device, tau).cpu()
         spec_times.append(time.perf_counter() - began)
         spec_lps.append(lp)
         del model

@@ -158,7 +158,8 @@ def check_format(marker: Path, done: dict) -> None:
     """A run directory written by a specdistill with another layout is refused, not misread."""
     found = done.get("format_version")
     if found != FORMAT_VERSION:
-        age = "an older" if isinstance(found, int) and found < FORMAT_VERSION or found is None else "a newer"
+        older = found is None or (isinstance(found, int) and found < FORMAT_VERSION)
+        age = "an older" if older else "a newer"
         raise SpecdistillError(
             f"{marker} was written by {age} specdistill (run-directory format {found}, this one reads "
             f"{FORMAT_VERSION}); use a new run directory, or pass --force to redo the stage here"

@@ -88,9 +88,9 @@ def headline(cfg: Config) -> dict[str, Any]:
     st = _load(run / "student" / "eval.json")
     if st:
         out["student test acc"] = st["test_acc"]
-        main = (st.get("students") or {}).get("student", {})
-        if gen and gen.get("macs") and main.get("macs"):
-            out["student compute"] = f"{main['macs'] / gen['macs']:.2f}x the generalist's multiply-adds"
+        student = (st.get("students") or {}).get("student", {})
+        if gen and gen.get("macs") and student.get("macs"):
+            out["student compute"] = f"{student['macs'] / gen['macs']:.2f}x the generalist's multiply-adds"
         hard = (st.get("students") or {}).get("hard")
         if hard:
             out["hard-label student test acc"] = hard["test_acc"]

@@ -61,25 +61,28 @@ def dustbin_correction(specialist_fraction: float, natural_share: float) -> floa
     return math.log(oversampling_factor(specialist_fraction, natural_share))
 
 
-def corrected_log_probs(logits: torch.Tensor, correction: float) -> torch.Tensor:
-    """Log-softmax of specialist logits with ``correction`` added to the dustbin (the last) logit."""
+def corrected_log_probs(logits: torch.Tensor, correction: float, temperature: float = 1.0) -> torch.Tensor:
+    """Log-softmax of specialist logits with ``correction`` added to the dustbin (the last) logit,
+    divided by ``temperature`` (a held-out calibration, ``combine.calibration``; 1 = none)."""
     logits = logits.float().clone()
     logits[:, -1] += float(correction)
-    return torch.log_softmax(logits, dim=1)
+    return torch.log_softmax(logits / float(temperature), dim=1)
 
 
 @torch.no_grad()
 def specialist_log_probs(model: nn.Module, images: np.ndarray | torch.Tensor, correction: float,
-                         batch_size: int = 512, device: torch.device | str | None = None) -> torch.Tensor:
+                         batch_size: int = 512, device: torch.device | str | None = None,
+                         temperature: float = 1.0) -> torch.Tensor:
     """A specialist's corrected log-probabilities ``[B, |group| + 1]`` (dustbin last).
 
     ``images`` are uint8 (``[B,H,W]`` / ``[B,H,W,C]``, numpy or tensor: run in batches on
     ``device`` and returned on the CPU) or an already normalised float batch ``[B,C,H,W]`` (e.g.
     the student's augmented batch: run on the model's device and returned there). This is the one place the
-    dustbin correction is applied; combine and student call it rather than the model directly.
+    dustbin correction (and a calibration temperature) is applied; combine and student call it rather
+    than the model directly.
     """
     if isinstance(images, torch.Tensor) and images.is_floating_point():
         model.eval()
         logits = model(images.to(next(model.parameters()).device))
-        return corrected_log_probs(logits, correction)
-    return corrected_log_probs(predict_logits(model, images, batch_size, device), correction)
+        return corrected_log_probs(logits, correction, temperature)
+    return corrected_log_probs(predict_logits(model, images, batch_size, device), correction, temperature)

@@ -140,8 +140,8 @@ def ensemble_teacher(cfg: Config, dataset: Dataset, device: torch.device, batch_
             rows = torch.zeros(len(images), len(groups[m]) + 1, device=device)
             hit = active[:, m].cpu().numpy()
             if hit.any():
-                rows[torch.as_tensor(hit, device=device)] = apply_temperature(specialist_log_probs(
-                    model, images[hit], correction, batch_size, device).to(device), calibration["specialists"][m])
+                rows[torch.as_tensor(hit, device=device)] = specialist_log_probs(
+                    model, images[hit], correction, batch_size, device, calibration["specialists"][m]).to(device)
             spec.append(rows)
         return kl_combine(gen, groups, spec, top_n=cfg.combine.top_n, solver=cfg.combine.solver,
                           max_iter=cfg.combine.max_iter, tol=cfg.combine.tol, active=active).float().cpu()

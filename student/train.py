@@ -63,7 +63,7 @@ def plan_students(cfg: Config) -> list[StudentPlan]:
                                  s.loss, main_teacher))
         main_teacher = "assistant"
     title = "student" + (f" ({s.teacher} -> assistant -> student)" if main_teacher == "assistant" else "")
-    plans.append(StudentPlan("student", title, s.model, s.loss, main_teacher))
+    plans.append(StudentPlan("student", title, s.model, hard if s.loss.name == "hard" else s.loss, main_teacher))
     wanted = s.baselines if isinstance(s.baselines, list) else BASELINES if s.baselines else []
     for name, title, loss, teacher in (("hard", "hard labels only", hard, None),
                                        ("from-generalist", "distilled from the generalist", distil, "generalist"),
@@ -97,8 +97,7 @@ def train_one(cfg: Config, plan: StudentPlan, dataset: Dataset, teacher: Teacher
 
 def _run_folder(plan: StudentPlan, teacher_key: str, cfg: Config) -> str:
     """Checkpoint folder name: a different student config never resumes another one's checkpoint."""
-    loss = {"name": "hard"} if plan.loss.name == "hard" else plan.loss.model_dump()   # T, alpha unused
-    blob = json.dumps([plan.model.model_dump(), loss, cfg.student.train.model_dump(),
+    blob = json.dumps([plan.model.model_dump(), plan.loss.model_dump(), cfg.student.train.model_dump(),
                        teacher_key, cfg.seed], sort_keys=True, default=str)
     return f"{plan.name}-{hashlib.sha256(blob.encode()).hexdigest()[:8]}"
 

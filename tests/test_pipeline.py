@@ -154,7 +154,6 @@ DISK_FULL = """
 import errno, sys
 import numpy as np
 from specdistill.cli import main
-real_save = np.save
 def save(fh, array, **kw):  # the disk fills up halfway through the combine stage's first array
     fh.write(b"partial")
     raise OSError(errno.ENOSPC, "No space left on device")
