@@ -5,7 +5,7 @@
     python benchmarks/bench_clustering.py backends    # sklearn / minibatch / faiss: ARI and time
     python benchmarks/bench_clustering.py run-dir runs/x   # matrices on a real run's held-out split
 
-Synthetic predictions come from ``specdistill.data.synthetic_predictions`` (planted groups, class
+Synthetic predictions come from ``testkit.synthetic_predictions`` (planted groups, class
 frequencies spread log-normally). Times are wall-clock on a shared machine: compare the ratios
 printed side by side in one run, not the absolute numbers across runs.
 """
@@ -25,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from clustering.cluster import cluster_classes  # noqa: E402
 from clustering.matrices import MATRIX_KINDS  # noqa: E402
 from clustering.predictions import check_dense, check_sparse  # noqa: E402
-from specdistill.data.synthetic_predictions import make_synthetic_predictions  # noqa: E402
+from specdistill.rundir import RunDir  # noqa: E402
+from testkit.synthetic_predictions import make_synthetic_predictions  # noqa: E402
 
 DEFAULT_MATRIX = "correlation+offdiag+normalized"
 
@@ -146,9 +147,9 @@ def run_dir(args: argparse.Namespace) -> None:
     """Matrices on a real run: build groups on one half of the held-out split, then count on the
     other half how many of the generalist's errors (true class, predicted class) fall inside one
     group: only those can a specialist fix. A proxy until specialists are trained per matrix."""
-    run = Path(args.path)
-    log_probs = np.load(run / "generalist" / "preds-val.npy", allow_pickle=False)
-    labels = np.load(run / "generalist" / "labels-val.npy", allow_pickle=False)
+    run = RunDir.at(args.path)
+    log_probs = np.load(run.generalist_preds("val"), allow_pickle=False)
+    labels = np.load(run.generalist_labels("val"), allow_pickle=False)
     probs, _ = check_dense(log_probs, "preds-val.npy", None, False)
     rng = np.random.default_rng(args.seed)
     order = rng.permutation(len(labels))

@@ -42,10 +42,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from combine import kl_combine, kl_objective  # noqa: E402
 from combine.inputs import check_inputs  # noqa: E402
 from combine.problem import build_problem  # noqa: E402
-from combine.reference import example_specialists, objective_z  # noqa: E402
 from combine.solvers import solve_gradient  # noqa: E402
 from specdistill.config import ModelConfig  # noqa: E402
 from specdistill.models import build_model  # noqa: E402
+from testkit.reference_combine import example_specialists, objective_z  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------
 # Synthetic generalist + specialist outputs with the structure of a real ensemble, at any K.

@@ -26,11 +26,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from paper.lab import Lab  # noqa: E402
+from paper.run import EXPERIMENT_ORDER, run_experiments  # noqa: E402
 from specdistill.artifacts import write_json  # noqa: E402
 from specdistill.config import load_config  # noqa: E402
 from specdistill.data import load_data  # noqa: E402
 from specdistill.errors import exit_on_error  # noqa: E402
-from student.paper import EXPERIMENT_ORDER, Lab, run_experiments  # noqa: E402
 
 QUICK = ["data.limit=4000", "generalist.train.epochs=3", "student.train.epochs=3",
          "paper.widths=[30, 300]", "paper.temperatures=[1, 4, 20]", "paper.alphas=[0.5, 1.0]",

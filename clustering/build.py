@@ -10,20 +10,21 @@ input leaves the run directory as it was.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from clustering.cluster import ClusterResult, cluster_classes
 from clustering.plots import groups_figure, matrix_figure, save_figure
 from clustering.predictions import Predictions, load_predictions
-from specdistill.artifacts import is_done, mark_done, read_json, read_npy, require_done, write_json
+from specdistill.artifacts import is_done, mark_done, read_json, read_npy, require_done
 from specdistill.cli import config_from_args, prepare_run_dir, setup_environment, stage_parser
 from specdistill.config import Config, stage_hash
 from specdistill.errors import SpecdistillError, exit_on_error
+from specdistill.hashing import digest_file
+from specdistill.records import Clusters, Group
+from specdistill.rundir import RunDir
 
 STAGE = "clustering"
 AUTO_TOP_K, AUTO_SKETCH_DIM = 32, 256
@@ -31,31 +32,30 @@ AUTO_TOP_K, AUTO_SKETCH_DIM = 32, 256
 
 def run_clustering(cfg: Config, *, probs_path: str | Path | None = None,
                    names_path: str | Path | None = None, force: bool = False,
-                   record_config: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Build the confusable groups for ``cfg``'s run directory and return the clusters.json dict.
+                   record_config: bool = False, progress: bool = True) -> Clusters:
+    """Build the confusable groups for ``cfg``'s run directory and return them (``clusters.json``).
 
     Skipped (returning the existing clusters.json) when the stage already finished with the same
     config hash and the same input file, unless ``force``. ``probs_path`` replaces the generalist's
     ``preds-val.npy`` (then names come from ``names_path``, a JSON list, or are "class i").
     """
     began = time.perf_counter()
-    run = cfg.run_path
-    out_dir = run / STAGE
+    run = RunDir.of(cfg)
     config_hash = stage_hash(cfg, STAGE)
-    source = Path(probs_path) if probs_path else run / "generalist" / "preds-val.npy"
+    source = Path(probs_path) if probs_path else run.generalist_preds("val")
     fingerprint = _fingerprint(source, names_path)
-    if not force and is_done(run, STAGE, config_hash) and (out_dir / "clusters.json").exists():
-        done = read_json(out_dir / "done.json")
+    if not force and is_done(run.root, STAGE, config_hash) and run.clusters.exists():
+        done = read_json(run.done(STAGE))
         if done.get("input") == fingerprint:
-            print(f"clustering: already done in {out_dir} with this config (hash {config_hash}); "
+            print(f"clustering: already done in {run.clustering} with this config (hash {config_hash}); "
                   "skipping (use --force to redo)")
-            return read_json(out_dir / "clusters.json")
+            return Clusters.read(run.clusters)
 
     # ---- read and check every input before writing anything
     ccfg = cfg.clustering
     seed = cfg.seed if ccfg.seed is None else ccfg.seed
     if probs_path is None:
-        require_done(run, "generalist", stage_hash(cfg, "generalist"))
+        require_done(run.root, "generalist", stage_hash(cfg, "generalist"))
     num_classes = _peek_num_classes(source)
     top_k, sketch_dim = ccfg.top_k, ccfg.sketch_dim
     if num_classes > ccfg.auto_scale_classes and top_k is None and sketch_dim is None:
@@ -76,18 +76,18 @@ def run_clustering(cfg: Config, *, probs_path: str | Path | None = None,
                              size=ccfg.size, min_size=ccfg.min_size, progress=progress)
     t0 = time.perf_counter()
     figures = {
-        "covariance.png": matrix_figure(result.matrix, result.cores, class_names, seed=seed),
-        "groups.png": groups_figure(result.groups, result.cores, result.points, class_names, examples),
+        "covariance": matrix_figure(result.matrix, result.cores, class_names, seed=seed),
+        "groups": groups_figure(result.groups, result.cores, result.points, class_names, examples),
     }
     plots_s = time.perf_counter() - t0
 
     # ---- write: pictures, clusters.json, then done.json last
-    (out_dir / "done.json").unlink(missing_ok=True)
+    run.done(STAGE).unlink(missing_ok=True)
     if record_config:
         prepare_run_dir(cfg)
     t0 = time.perf_counter()
     for name, fig in figures.items():
-        save_figure(fig, out_dir / name)
+        save_figure(fig, run.clustering_figure(name))
     plots_s += time.perf_counter() - t0
     timings = {"load_s": load_s, **result.timings, "plots_s": plots_s,
                "total_s": time.perf_counter() - began}
@@ -95,24 +95,20 @@ def run_clustering(cfg: Config, *, probs_path: str | Path | None = None,
               "min_size": ccfg.min_size, "top_k": top_k, "sketch_dim": sketch_dim, "seed": seed,
               "n_init": ccfg.n_init, "max_iter": ccfg.max_iter}
     clusters = clusters_json(result, class_names, preds, params, timings)
-    write_json(out_dir / "clusters.json", clusters)
-    mark_done(run, STAGE, config_hash, input=fingerprint)
-    _print_summary(clusters, out_dir)
+    clusters.write(run.clusters)
+    mark_done(run.root, STAGE, config_hash, input=fingerprint)
+    _print_summary(clusters, run)
     return clusters
 
 
 def clusters_json(result: ClusterResult, class_names: list[str], preds: Predictions, params: dict,
-                  timings: dict) -> dict[str, Any]:
+                  timings: dict) -> Clusters:
     """The run-directory contract: groups with class ids and names, parameters, coverage."""
     groups = []
     for m, (group, core) in enumerate(zip(result.groups, result.cores)):
         ids = [int(c) for c in group]
-        groups.append({"id": m, "classes": ids, "names": [class_names[c] for c in ids],
-                       "num_core": len(core)})
-    return {
-        "num_classes": preds.num_classes,
-        "class_names": list(class_names),
-        "groups": groups,
+        groups.append(Group(m, ids, [class_names[c] for c in ids], num_core=len(core)))
+    details = {
         "matrix": params["matrix"],
         "params": params,
         "input": {"source": preds.source, "num_examples": preds.num_examples,
@@ -123,17 +119,20 @@ def clusters_json(result: ClusterResult, class_names: list[str], preds: Predicti
         "coverage": result.coverage,
         "timings": {key: round(value, 3) for key, value in timings.items()},
     }
+    return Clusters(preds.num_classes, list(class_names), groups, details)
 
 
-def _print_summary(clusters: dict, out_dir: Path) -> None:
-    cov, sizes = clusters["coverage"], clusters["coverage"]["group_sizes"]
+def _print_summary(clusters: Clusters, run: RunDir) -> None:
+    d = clusters.details
+    cov, sizes = d["coverage"], d["coverage"]["group_sizes"]
     hist = ", ".join(f"{n}: {c}" for n, c in cov["histogram"].items())
-    print(f"clustering: {len(clusters['groups'])} groups of {sizes['min']}-{sizes['max']} classes "
-          f"(mean {sizes['mean']:.1f}; {clusters['kmeans']['dropped_small']} smaller than min_size "
-          f"dropped) over {clusters['num_classes']} classes, matrix={clusters['matrix']}, "
-          f"{clusters['timings']['total_s']:.1f}s")
+    print(f"clustering: {len(clusters.groups)} groups of {sizes['min']}-{sizes['max']} classes "
+          f"(mean {sizes['mean']:.1f}; {d['kmeans']['dropped_small']} smaller than min_size "
+          f"dropped) over {clusters.num_classes} classes, matrix={d['matrix']}, "
+          f"{d['timings']['total_s']:.1f}s")
     print(f"clustering: classes covered by n groups -> {hist}")
-    print(f"clustering: wrote {out_dir / 'clusters.json'}, covariance.png, groups.png")
+    figures = ", ".join(run.clustering_figure(name).name for name in ("covariance", "groups"))
+    print(f"clustering: wrote {run.clusters}, {figures}")
 
 
 # ---------------------------------------------------------------------------------------------- inputs
@@ -143,11 +142,8 @@ def _fingerprint(source: Path, names_path: str | Path | None) -> dict:
     def one(path: Path) -> dict | None:
         if not path.exists():
             return None
-        digest = hashlib.sha256()
-        with open(path, "rb") as fh:   # by content: a copied or moved run directory still matches
-            while chunk := fh.read(1 << 24):
-                digest.update(chunk)
-        return {"name": path.name, "bytes": path.stat().st_size, "sha256": digest.hexdigest()[:16]}
+        # by content: a copied or moved run directory still matches
+        return {"name": path.name, "bytes": path.stat().st_size, "sha256": digest_file(path)}
 
     return {"predictions": one(source), "names": one(Path(names_path)) if names_path else None}
 
@@ -171,7 +167,7 @@ def _peek_num_classes(source: Path) -> int:
     return int(shape[1])
 
 
-def _class_names(run: Path, preds: Predictions, probs_path, names_path) -> list[str]:
+def _class_names(run: RunDir, preds: Predictions, probs_path, names_path) -> list[str]:
     k = preds.num_classes
     if names_path is not None:
         names = read_json(names_path)
@@ -179,8 +175,8 @@ def _class_names(run: Path, preds: Predictions, probs_path, names_path) -> list[
     elif probs_path is not None:
         return [f"class {i}" for i in range(k)]
     else:
-        names = read_json(run / "generalist" / "meta.json").get("class_names")
-        where = str(run / "generalist" / "meta.json")
+        names = read_json(run.generalist_meta).get("class_names")
+        where = str(run.generalist_meta)
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
         raise SpecdistillError(f"{where} must hold a JSON list of class names (strings)")
     if len(names) != k:
@@ -189,8 +185,8 @@ def _class_names(run: Path, preds: Predictions, probs_path, names_path) -> list[
     return names
 
 
-def _class_examples(run: Path, num_classes: int) -> np.ndarray | None:
-    path = run / "generalist" / "class-examples.npy"
+def _class_examples(run: RunDir, num_classes: int) -> np.ndarray | None:
+    path = run.class_examples
     if not path.exists():
         return None
     images = read_npy(path)
@@ -231,8 +227,8 @@ _FLAG_KEYS = {"k": "k", "backend": "backend", "matrix": "matrix", "size": "size"
 def main(argv: list[str] | None = None) -> None:
     setup_environment()
     args = _parser().parse_args(argv)
-    if args.config is None and args.run_dir and (Path(args.run_dir) / "config.yaml").exists():
-        args.config = str(Path(args.run_dir) / "config.yaml")   # the run's resolved config
+    if args.config is None and args.run_dir and RunDir.at(args.run_dir).config.exists():
+        args.config = str(RunDir.at(args.run_dir).config)   # the run's resolved config
     for attr, key in _FLAG_KEYS.items():
         value = getattr(args, attr)
         if value is not None:

@@ -7,8 +7,7 @@ points, k and seed give the same labels.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,6 +15,7 @@ from threadpoolctl import threadpool_limits
 
 from specdistill.errors import SpecdistillError
 from specdistill.registry import Registry
+from specdistill.threads import faiss_threads
 
 
 @dataclass
@@ -40,26 +40,10 @@ def run_kmeans(points: np.ndarray, k: int, *, backend: str = "faiss", seed: int 
     # a small problem on one thread: each of the hundreds of Lloyd steps would otherwise wait for
     # the other cores (seconds, not milliseconds, on a busy shared machine)
     small = points.size * k < SMALL_PROBLEM
-    with threadpool_limits(1 if small else None), _faiss_threads(1 if small else None):
+    with threadpool_limits(1 if small else None), faiss_threads(1 if small else None):
         result = backend_fn(points, k, seed, n_init, max_iter)
     result.labels = np.asarray(result.labels, dtype=np.int64)
     return result
-
-
-@contextlib.contextmanager
-def _faiss_threads(threads: int | None) -> Iterator[None]:
-    """faiss has its own OpenMP pool, which threadpoolctl does not always see."""
-    if threads is None:
-        yield
-        return
-    import faiss
-
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(threads)
-    try:
-        yield
-    finally:
-        faiss.omp_set_num_threads(before)
 
 
 @KMEANS_BACKENDS.register("sklearn")

@@ -15,18 +15,48 @@ generalist but did not turn it into a gain, so it is off by default.
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
+import os
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from specdistill.artifacts import read_json
+from specdistill.artifacts import read_json, write_json
 from specdistill.errors import SpecdistillError
+
+if TYPE_CHECKING:
+    from combine.ensemble import Ensemble
 
 # temperatures tried: 0.25 ... 8, log-spaced; the NLL is smooth in tau, a fine grid is exact enough
 GRID = torch.logspace(np.log10(0.25), np.log10(8.0), 97)
-FILE = "calibration.json"
+
+
+@dataclass
+class Calibration:
+    """One temperature per model (1.0 = as trained), fitted on ``split`` (always the held-out one)."""
+
+    generalist: float
+    specialists: list[float]
+    split: str = "val"
+
+    @classmethod
+    def identity(cls, num_specialists: int) -> Calibration:
+        return cls(1.0, [1.0] * num_specialists, "none")
+
+    def write(self, path: str | os.PathLike) -> None:
+        write_json(path, asdict(self))
+
+    @classmethod
+    def read(cls, path: str | os.PathLike, num_specialists: int) -> Calibration:
+        """``combine/calibration.json``, checked against the number of specialists it is applied to."""
+        raw: Any = read_json(path)
+        found = raw.get("specialists") if isinstance(raw, dict) else None
+        if not isinstance(found, list) or len(found) != num_specialists:
+            count = len(found) if isinstance(found, list) else 0
+            raise SpecdistillError(f"{path} holds {count} specialist temperatures for {num_specialists} "
+                                   "specialists; rerun the combine stage (specdistill run CONFIG --from combine)")
+        return cls(float(raw.get("generalist", 1.0)), [float(t) for t in found], str(raw.get("split", "val")))
 
 
 def fit_temperature(log_probs: torch.Tensor, labels: torch.Tensor | np.ndarray) -> float:
@@ -43,11 +73,20 @@ def apply_temperature(log_probs: torch.Tensor, tau: float) -> torch.Tensor:
     return log_probs if tau == 1.0 else torch.log_softmax(log_probs / tau, dim=1)
 
 
-def load_calibration(run: Path, num_specialists: int) -> dict[str, Any]:
-    """``combine/calibration.json``, checked against the number of specialists it is applied to."""
-    cal = read_json(Path(run) / "combine" / FILE)
-    if len(cal.get("specialists", [])) != num_specialists:
-        raise SpecdistillError(f"{Path(run) / 'combine' / FILE} holds {len(cal.get('specialists', []))} "
-                               f"specialist temperatures for {num_specialists} specialists; rerun the combine "
-                               "stage (specdistill run CONFIG --from combine)")
-    return cal
+def fit_calibration(ensemble: Ensemble, val_gen_log_probs: torch.Tensor, val_images: np.ndarray,
+                    val_labels: np.ndarray, top_n: int) -> Calibration:
+    """Temperatures on the held-out split: the generalist on every example, each specialist on the
+    examples where it would be active, with the labels folded onto its group and dustbin."""
+    from specialists.sampler import fold_labels
+
+    before, ensemble.calibration = ensemble.calibration, Calibration.identity(len(ensemble))
+    try:
+        active = ensemble.active(val_gen_log_probs, top_n)
+        taus = []
+        for m, group in enumerate(ensemble.groups):
+            hit = active[:, m].numpy()
+            taus.append(fit_temperature(ensemble.specialist_log_probs(m, val_images[hit]),
+                                        fold_labels(val_labels[hit], group.numpy())) if hit.any() else 1.0)
+        return Calibration(fit_temperature(val_gen_log_probs, val_labels), taus, "val")
+    finally:
+        ensemble.calibration = before

@@ -3,7 +3,6 @@ objective it minimises, ``kl_objective``."""
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 
 import torch
@@ -13,6 +12,7 @@ from combine.inputs import check_active, check_inputs, check_row_max, normalise_
 from combine.problem import build_problem
 from combine.solvers import atoms_log_q, rest_shift, solve_fixed_point, solve_gradient
 from specdistill.errors import SpecdistillError
+from specdistill.threads import torch_threads
 
 SOLVERS = ("fixed_point", "em", "gradient")
 
@@ -37,7 +37,7 @@ def kl_combine(gen_log_probs: torch.Tensor, groups: Sequence, spec_log_probs: Se
     it is active (``combine.active_specialists`` gives the [B, M] mask before any specialist runs),
     put its log-probabilities in its row of a [B, |S_m|+1] tensor (other rows are never read or
     checked), and call this. Everything is batched (no loop over examples) on the device of
-    ``gen_log_probs``; on CPU it runs on one thread (see ``_one_cpu_thread``).
+    ``gen_log_probs``; on CPU it runs on one thread, the fastest for its many small operations.
 
     Args:
         gen_log_probs: [B, K] generalist log-probabilities (log_softmax of the logits).
@@ -64,7 +64,10 @@ def kl_combine(gen_log_probs: torch.Tensor, groups: Sequence, spec_log_probs: Se
         SpecdistillError: mismatched group / output sizes, class ids out of range, NaN inputs.
     """
     device = gen_log_probs.device if isinstance(gen_log_probs, torch.Tensor) else torch.device("cpu")
-    with torch.no_grad(), _one_cpu_thread(device):
+    # one CPU thread: the combiner is hundreds of small gathers and scatters, which intra-op threads
+    # do not speed up, and on a busy machine every parallel region waits for a time slice
+    # (measured: 40x slower with 2 threads on a loaded 2-core box). Use processes for more cores.
+    with torch.no_grad(), torch_threads(1 if device.type == "cpu" else None):
         return _kl_combine(gen_log_probs, groups, spec_log_probs, top_n, solver, max_iter, tol, active,
                            chunk_size, return_info)
 
@@ -116,22 +119,6 @@ def _kl_combine(gen_log_probs, groups, spec_log_probs, top_n, solver, max_iter, 
     if return_info:
         return out, {"active": active, "iterations": iterations}
     return out
-
-
-@contextlib.contextmanager
-def _one_cpu_thread(device: torch.device):
-    """The combiner is hundreds of small gathers and scatters: intra-op threads do not speed them
-    up, and on a busy machine every parallel region waits for a time slice (measured: 40x slower
-    with 2 threads on a loaded 2-core box). Use processes for more cores; GPUs are unaffected."""
-    if device.type != "cpu" or torch.get_num_threads() == 1:
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _slice(inputs, start: int, stop: int):

@@ -5,6 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from specdistill.artifacts import atomic_path, write_text
+from specdistill.formatting import md_table, percent
+from specdistill.records import CombineResult
+from specdistill.rundir import RunDir
 
 SYSTEM_TEXT = {
     "generalist": "generalist alone",
@@ -14,7 +17,12 @@ SYSTEM_TEXT = {
 
 
 def _pct(x: float | None) -> str:
-    return "n/a" if x is None else f"{100 * x:.2f}%"
+    return percent(x, digits=2, missing="n/a")
+
+
+def _relative(change: float | None) -> str:
+    """A relative change with its sign, ``+4.4%``."""
+    return "n/a" if change is None else f"{100 * change:+.1f}%"
 
 
 def _system_name(name: str, main: str) -> str:
@@ -24,40 +32,38 @@ def _system_name(name: str, main: str) -> str:
     return SYSTEM_TEXT.get(name, name)
 
 
-def render_markdown(result: dict) -> str:
-    main = result["ensemble"]["system"]
-    t3 = result["table3"]
+def render_markdown(result: CombineResult, split: str = "test") -> str:
+    main = result.ensemble
+    t3 = result.table3(split)
+    evaluation = result.split(split)
+    active = evaluation.active_specialists
     lines = [
         "# Combine: generalist + specialists (paper section 5.4)",
         "",
-        f"{result['num_examples']} test examples, {result['num_classes']} classes, "
-        f"{result['num_specialists']} specialists; active = specialists whose group contains one of "
-        f"the generalist's top-{result['top_n']} classes "
-        f"(mean {result['active_specialists']['mean']:.2f} per example, none for "
-        f"{_pct(result['active_specialists']['none'])}); solver `{result['solver']}` "
-        f"(mean {result['active_specialists']['solver_iterations_mean']:.1f} iterations, "
-        f"max {result['active_specialists']['solver_iterations_max']}).",
+        f"{evaluation.num_examples} {split} examples, {result.num_classes} classes, "
+        f"{result.num_specialists} specialists; active = specialists whose group contains one of "
+        f"the generalist's top-{result.top_n} classes "
+        f"(mean {active['mean']:.2f} per example, none for "
+        f"{_pct(active['none'])}); solver `{result.solver}` "
+        f"(mean {active['solver_iterations_mean']:.1f} iterations, "
+        f"max {active['solver_iterations_max']}).",
         "",
         "## Table 3: accuracy",
         "",
-        "| System | Conditional test accuracy | Test accuracy |",
-        "|---|---:|---:|",
-        f"| Generalist | {_pct(t3['generalist_conditional_acc'])} | {_pct(t3['generalist_acc'])} |",
-        f"| + {result['num_specialists']} specialist models | {_pct(t3['ensemble_conditional_acc'])} | "
-        f"{_pct(t3['ensemble_acc'])} |",
+        md_table(["System", "Conditional test accuracy", "Test accuracy"], [
+            ["Generalist", _pct(t3["generalist_conditional_acc"]), _pct(t3["generalist_acc"])],
+            [f"+ {result.num_specialists} specialist models", _pct(t3["ensemble_conditional_acc"]),
+             _pct(t3["ensemble_acc"])],
+        ], align="lrr"),
         "",
         f"Conditional accuracy: the {t3['conditional_examples']} examples whose true class belongs to some "
         "specialist's group, with predictions restricted to the specialists' classes.",
         "",
         "## Table 4: by the number of specialists covering the correct class",
         "",
-        "| # specialists covering | # test examples | delta in top-1 correct | relative accuracy change |",
-        "|---:|---:|---:|---:|",
-    ]
-    for row in result["table4"]:
-        rel = "n/a" if row["relative_change"] is None else f"{100 * row['relative_change']:+.1f}%"
-        lines.append(f"| {row['covering']} | {row['examples']} | {row['delta_correct']:+d} | {rel} |")
-    lines += [
+        md_table(["# specialists covering", "# test examples", "delta in top-1 correct", "relative accuracy change"],
+                 [[row["covering"], row["examples"], f"{row['delta_correct']:+d}", _relative(row["relative_change"])]
+                  for row in evaluation.table4], align="rrrr"),
         "",
         "Relative accuracy change: the change in top-1 correct over the generalist's correct count in the row.",
         "",
@@ -65,13 +71,10 @@ def render_markdown(result: dict) -> str:
         "",
         "## Every system on the same predictions",
         "",
-        "| System | Accuracy | Top-5 | NLL | ECE | Conditional accuracy |",
-        "|---|---:|---:|---:|---:|---:|",
-    ]
-    for name, m in result["systems"].items():
-        lines.append(f"| {_system_name(name, main)} | {_pct(m['accuracy'])} | {_pct(m['top5'])} | "
-                     f"{m['nll']:.4f} | {m['ece']:.4f} | {_pct(m['conditional_accuracy'])} |")
-    lines += [
+        md_table(["System", "Accuracy", "Top-5", "NLL", "ECE", "Conditional accuracy"],
+                 [[_system_name(name, main), _pct(m["accuracy"]), _pct(m["top5"]), f"{m['nll']:.4f}",
+                   f"{m['ece']:.4f}", _pct(m["conditional_accuracy"])] for name, m in evaluation.systems.items()],
+                 align="lrrrrr"),
         "",
         "The average and the product map each specialist to all K classes by spreading its dustbin "
         "probability over the classes outside its group in proportion to the generalist's "
@@ -80,7 +83,7 @@ def render_markdown(result: dict) -> str:
         "## Timings",
         "",
     ]
-    timings = result["timings"]
+    timings = evaluation.timings
     forward = timings.get("forward")
     if forward:
         lines.append(f"- forward, generalist: {forward['generalist_s']:.2f} s for {forward['images']} images")
@@ -93,13 +96,13 @@ def render_markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_table4(result: dict, path: Path) -> None:
+def plot_table4(result: CombineResult, path: Path, split: str = "test") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = result["table4"]
+    rows = result.split(split).table4
     labels = [r["covering"] for r in rows]
     rel = [100 * (r["relative_change"] or 0.0) for r in rows]
     fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -119,7 +122,6 @@ def plot_table4(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def write_report(out_dir: str | Path, result: dict) -> None:
-    out_dir = Path(out_dir)
-    plot_table4(result, out_dir / "table4.png")
-    write_text(out_dir / "report.md", render_markdown(result))
+def write_report(run: RunDir, result: CombineResult) -> None:
+    plot_table4(result, run.table4_figure)
+    write_text(run.combine_report, render_markdown(result))

@@ -26,6 +26,7 @@ from specdistill.data.loading import BatchAugment, train_loader
 from specdistill.engine import evaluate, fit, predict_log_probs, resolve_device
 from specdistill.errors import exit_on_error
 from specdistill.models import build_model, count_flops, save_classifier
+from specdistill.rundir import SPLITS, RunDir
 
 
 def class_examples(dataset: Dataset) -> np.ndarray:
@@ -77,13 +78,14 @@ def train_generalist(cfg: Config, out_dir: str | Path, seed: int | None = None,
                  "test": len(dataset.test), **{k: v for k, v in dataset.meta.items() if _small(v)}},
     }
     model.to(device)
-    for split in ("val", "test"):
+    for split in SPLITS:
         part = dataset.split(split)
-        write_npy(out / f"preds-{split}.npy", predict_log_probs(model, part.images, gcfg.train.eval_batch_size, device))
-        write_npy(out / f"labels-{split}.npy", part.labels)
-    write_npy(out / "class-examples.npy", class_examples(dataset))
-    save_classifier(out / "model.safetensors", model.cpu(), meta)
-    write_json(out / "meta.json", meta)
+        write_npy(RunDir.preds_in(out, split),
+                  predict_log_probs(model, part.images, gcfg.train.eval_batch_size, device))
+        write_npy(RunDir.labels_in(out, split), part.labels)
+    write_npy(RunDir.class_examples_in(out), class_examples(dataset))
+    save_classifier(RunDir.weights_in(out), model.cpu(), meta)
+    write_json(RunDir.meta_in(out), meta)
     return meta
 
 
@@ -93,18 +95,19 @@ def _small(value: Any) -> bool:
 
 def run_generalist(cfg: Config, force: bool = False, progress: bool = True) -> dict[str, Any]:
     """The pipeline's stage 1: skipped when it already finished with the same config hash."""
-    run = prepare_run_dir(cfg)
-    out = run / "generalist"
+    prepare_run_dir(cfg)
+    run = RunDir.of(cfg)
+    out = run.generalist
     digest = stage_hash(cfg, "generalist")
-    if not force and is_done(run, "generalist", digest):
-        meta = read_json(out / "meta.json")
+    if not force and is_done(run.root, "generalist", digest):
+        meta = read_json(run.generalist_meta)
         print(f"generalist: already trained in {out} (config hash {digest}); test accuracy "
               f"{meta['metrics']['test_acc']:.4f}. Use --force to retrain.")
         return meta
-    if force or (out / "done.json").exists():  # a finished stage from another config: start over
+    if force or run.done("generalist").exists():  # a finished stage from another config: start over
         shutil.rmtree(out, ignore_errors=True)
     meta = train_generalist(cfg, out, progress=progress)
-    mark_done(run, "generalist", digest, test_acc=meta["metrics"]["test_acc"])
+    mark_done(run.root, "generalist", digest, test_acc=meta["metrics"]["test_acc"])
     m = meta["metrics"]
     print(f"generalist: {meta['num_classes']} classes, val accuracy {m['val_acc']:.4f}, "
           f"test accuracy {m['test_acc']:.4f} ({m['seconds']:.0f} s) -> {out}")

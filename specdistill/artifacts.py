@@ -22,8 +22,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from specdistill.errors import SpecdistillError
+from specdistill.rundir import RunDir
 
-FORMAT_VERSION = 1  # bump when the run-directory layout changes incompatibly
+# bump when the run-directory layout changes incompatibly; 2: combine/eval.json holds per-split
+# results (specdistill.records.CombineResult) and no longer repeats the ensemble's accuracy
+FORMAT_VERSION = 2
 
 
 @contextlib.contextmanager
@@ -132,18 +135,14 @@ def _json_default(obj: Any) -> Any:
 # Stage completion: <run>/<stage>/done.json holds the hash of the config that produced the stage.
 
 
-def stage_dir(run_dir: str | os.PathLike, stage: str) -> Path:
-    return Path(run_dir) / stage
-
-
 def mark_done(run_dir: str | os.PathLike, stage: str, config_hash: str, **extra: Any) -> None:
-    write_json(stage_dir(run_dir, stage) / "done.json",
+    write_json(RunDir.at(run_dir).done(stage),
                {"stage": stage, "config_hash": config_hash, "format_version": FORMAT_VERSION, **extra})
 
 
 def is_done(run_dir: str | os.PathLike, stage: str, config_hash: str) -> bool:
     """True when the stage finished with this config hash; a different hash means 'redo'."""
-    marker = stage_dir(run_dir, stage) / "done.json"
+    marker = RunDir.at(run_dir).done(stage)
     if not marker.exists():
         return False
     try:
@@ -168,7 +167,7 @@ def check_format(marker: Path, done: dict) -> None:
 
 def require_done(run_dir: str | os.PathLike, stage: str, config_hash: str | None = None) -> dict:
     """Check an upstream stage finished (and, if given, with this config hash) before reading it."""
-    marker = stage_dir(run_dir, stage) / "done.json"
+    marker = RunDir.at(run_dir).done(stage)
     if not marker.exists():
         raise SpecdistillError(
             f"stage '{stage}' has not finished in {run_dir}; run it first (specdistill run CONFIG)"

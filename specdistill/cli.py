@@ -15,6 +15,7 @@ from pathlib import Path
 from specdistill.artifacts import write_text
 from specdistill.config import Config, config_hash, dump_config, load_config
 from specdistill.errors import SpecdistillError, exit_on_error
+from specdistill.rundir import RunDir
 
 
 def stage_parser(description: str) -> argparse.ArgumentParser:
@@ -37,10 +38,10 @@ def config_from_args(args: argparse.Namespace) -> Config:
 
 def prepare_run_dir(cfg: Config) -> Path:
     """Create the run directory and record the resolved config (after overrides) and its hash."""
-    run = cfg.run_path
-    run.mkdir(parents=True, exist_ok=True)
-    write_text(run / "config.yaml", f"# config hash: {config_hash(cfg)}\n" + dump_config(cfg))
-    return run
+    run = RunDir.of(cfg)
+    run.root.mkdir(parents=True, exist_ok=True)
+    write_text(run.config, f"# config hash: {config_hash(cfg)}\n" + dump_config(cfg))
+    return run.root
 
 
 def setup_environment() -> None:

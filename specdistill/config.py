@@ -7,8 +7,6 @@ overridden from the command line with ``--set section.key=value`` (the value is 
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 from typing import Any, Literal
 
@@ -16,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from specdistill.errors import SpecdistillError
+from specdistill.hashing import digest_json
 
 
 class _Section(BaseModel):
@@ -161,7 +160,7 @@ class StudentConfig(_Section):
 
 
 class PaperConfig(_Section):
-    """The paper's section-3 and section-6 experiments (student/paper.py, benchmarks/bench_paper_fmnist.py).
+    """The paper's section-3 and section-6 experiments (paper/, benchmarks/bench_paper_fmnist.py).
 
     The ``generalist`` section is the large regularised net, the ``student`` section the small net
     (its ``loss.temperature`` is the T of the gap and missing-class experiments); these keys add the
@@ -235,8 +234,7 @@ def stage_hash(cfg: Config, stage: str) -> str:
     """A short hash of the config sections that determine a stage's outputs."""
     dumped = cfg.model_dump(mode="json")
     relevant = {key: _strip_volatile(dumped[key]) for key in _STAGE_SECTIONS[stage]}
-    blob = json.dumps(relevant, sort_keys=True).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
+    return digest_json(relevant)
 
 
 def config_hash(cfg: Config) -> str:

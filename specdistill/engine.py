@@ -8,16 +8,20 @@ run started again continues where it stopped and ends with the same weights it w
 
 The loss comes from an ``objective(model, images, labels, index) -> (logits, {name: loss})``
 (mdistiller's shape), so distillation losses plug in without touching the loop.
+
+``fit`` reads as its steps (the shape of torchvision's references/classification): prepare the
+model and optimizer, start or resume from the checkpoint, then per epoch ``train_one_epoch``,
+``evaluate`` on held-out data, keep the best weights (early stopping) and save the epoch.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,10 +37,11 @@ from specdistill.config import TrainConfig
 from specdistill.data import Split
 from specdistill.data.loading import to_float
 from specdistill.errors import SpecdistillError
+from specdistill.hashing import digest_json
+from specdistill.rundir import METRICS
 
 Objective = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict]]
 CHECKPOINT = "checkpoint.safetensors"
-METRICS = "metrics.jsonl"
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -158,8 +163,7 @@ def _restore_optimizer(opt: torch.optim.Optimizer, tensors: dict, meta: dict) ->
 
 def _fingerprint(model: nn.Module, cfg: TrainConfig, extra: str) -> str:
     shapes = [(k, tuple(v.shape)) for k, v in model.state_dict().items()]
-    blob = json.dumps([cfg.model_dump(mode="json"), shapes, extra], sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return digest_json([cfg.model_dump(mode="json"), shapes, extra])
 
 
 def _save_checkpoint(path: Path, model, opt, best_state, loop: dict) -> None:
@@ -172,6 +176,196 @@ def _save_checkpoint(path: Path, model, opt, best_state, loop: dict) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
+# One fit, as a sequence of steps (the shape of torchvision's references/classification)
+
+
+@dataclass(frozen=True)
+class FitSetup:
+    """What stays fixed for every epoch of one ``fit``."""
+
+    cfg: TrainConfig
+    device: torch.device
+    objective: Objective
+    steps_per_epoch: int
+    augment: nn.Module | None = None
+    desc: str = "train"
+    progress: bool = True
+
+    @property
+    def channels_last(self) -> bool:
+        # channels_last pays on CUDA convolutions; on CPU it only costs copies
+        return self.cfg.channels_last and self.device.type == "cuda"
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps_per_epoch * self.cfg.epochs
+
+
+def _steps_per_epoch(train_batches: DataLoader, cfg: TrainConfig, desc: str) -> int:
+    steps = len(train_batches)
+    if cfg.max_steps_per_epoch:
+        steps = min(steps, cfg.max_steps_per_epoch)
+    if steps == 0:
+        raise SpecdistillError(f"{desc}: the training split is empty; check the data source and data.limit")
+    return steps
+
+
+def _prepare(model: nn.Module, setup: FitSetup) -> tuple[torch.optim.Optimizer, torch.amp.GradScaler]:
+    """Move the model to its device (and memory format); make its optimizer and AMP loss scaler.
+
+    The scaler only scales with float16 autocast; bfloat16, where the GPU has it, needs none.
+    """
+    model.to(setup.device)
+    if setup.channels_last:
+        model.to(memory_format=torch.channels_last)
+    cuda = setup.device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=cuda and setup.cfg.amp and not torch.cuda.is_bf16_supported())
+    return make_optimizer(model, setup.cfg), scaler
+
+
+def _clone_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _start_or_resume(out: Path | None, model: nn.Module, opt: torch.optim.Optimizer, fingerprint: str,
+                     setup: FitSetup) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The loop state and best weights to start from: fresh, or those of the checkpoint in ``out``.
+
+    The checkpoint also puts back the model, the optimizer and torch's RNG, so a killed run started
+    again ends with the weights it would have had; one written for another model, config or
+    ``fingerprint`` is refused rather than silently mixed in.
+    """
+    ckpt = out / CHECKPOINT if out is not None else None
+    if ckpt is None or not ckpt.exists():
+        loop = {"epoch": 0, "best_acc": -1.0, "best_loss": float("inf"), "best_epoch": -1,
+                "bad_epochs": 0, "history": [], "fingerprint": fingerprint, "stopped_early": False}
+        return loop, _clone_state(model)
+    tensors, meta = load_weights(ckpt)
+    if meta.get("loop", {}).get("fingerprint") != fingerprint:
+        raise SpecdistillError(
+            f"{ckpt} was written by a different model or training config; delete {out} "
+            "(or pass --force) to start this training over"
+        )
+    loop = meta["loop"]
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    best_state = {k[5:]: v.to(setup.device) for k, v in tensors.items() if k.startswith("best.")}
+    _restore_optimizer(opt, tensors, meta["optimizer"])
+    torch.set_rng_state(tensors["rng.torch"])
+    if setup.progress and loop["epoch"] < setup.cfg.epochs and not loop["stopped_early"]:
+        tqdm.write(f"{setup.desc}: resuming from {ckpt} after epoch {loop['epoch']}")
+    return loop, best_state
+
+
+def _save_epoch(out: Path | None, model: nn.Module, opt: torch.optim.Optimizer,
+                best_state: dict[str, torch.Tensor], loop: dict[str, Any]) -> None:
+    """Checkpoint and metrics after each epoch (each file atomic), so a kill loses one epoch at most."""
+    if out is None:
+        return
+    _save_checkpoint(out / CHECKPOINT, model, opt, best_state, loop)
+    write_text(out / METRICS, "".join(json.dumps(r) + "\n" for r in loop["history"]))
+
+
+def _train_step(model: nn.Module, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler, setup: FitSetup,
+                batch: tuple, aug_gen: torch.Generator, where: str) -> tuple[torch.Tensor, dict, torch.Tensor]:
+    """One optimisation step on one batch; returns the logits, the named losses and the labels."""
+    images, labels, index = batch
+    x = to_float(images.to(setup.device, non_blocking=True))
+    if setup.augment is not None:
+        x = setup.augment(x, aug_gen)
+    if setup.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    labels = labels.to(setup.device, non_blocking=True)
+    with _autocast(setup.device, setup.cfg.amp):
+        logits, losses = setup.objective(model, x, labels, index)
+        loss = sum(losses.values())
+    if not torch.isfinite(loss):
+        raise SpecdistillError(f"{setup.desc}: the loss became {float(loss.detach())} at {where}; "
+                               "lower the learning rate (train.lr) or check the data")
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    scaler.update()
+    return logits, losses, labels
+
+
+def train_one_epoch(model: nn.Module, train_batches: DataLoader, opt: torch.optim.Optimizer,
+                    scaler: torch.amp.GradScaler, setup: FitSetup, epoch: int, seed: int) -> dict[str, Any]:
+    """Train one epoch and return its record (lr, train loss and accuracy, images/s).
+
+    Dropout and augmentation draw from streams seeded by (seed, epoch), so a resumed run repeats
+    exactly the epochs it would have run. Metrics add up on the device: no host sync per step.
+    """
+    cfg, steps = setup.cfg, setup.steps_per_epoch
+    torch.manual_seed(seed * 100_003 + epoch)
+    aug_gen = torch.Generator().manual_seed(seed * 100_019 + epoch)
+    sampler = getattr(train_batches, "sampler", None)
+    if hasattr(sampler, "set_epoch"):
+        sampler.set_epoch(epoch)
+    model.train()
+    sums: dict[str, Any] = {}
+    seen, correct = 0, 0
+    start = time.perf_counter()
+    bar = tqdm(total=steps, desc=f"{setup.desc} {epoch + 1}/{cfg.epochs}", disable=not setup.progress,
+               leave=False, mininterval=1.0 if _interactive() else 30.0, dynamic_ncols=True)
+    for step, batch in enumerate(train_batches):
+        if step >= steps:
+            break
+        for group in opt.param_groups:
+            group["lr"] = cfg.lr * lr_factor(cfg, epoch * steps + step, setup.total_steps, steps)
+        logits, losses, labels = _train_step(model, opt, scaler, setup, batch, aug_gen,
+                                             f"epoch {epoch + 1} step {step}")
+        n = len(labels)
+        seen += n
+        with torch.no_grad():
+            correct = correct + (logits.argmax(1) == labels).sum()
+            for name, value in losses.items():
+                sums[name] = sums.get(name, 0.0) + value.detach().float() * n
+        bar.update(1)
+        if bar.n % 20 == 0 or step == steps - 1:
+            bar.set_postfix(loss=f"{float(sum(sums.values())) / seen:.3f}", acc=f"{int(correct) / seen:.3f}",
+                            img_s=f"{seen / (time.perf_counter() - start):.0f}", refresh=False)
+    bar.close()
+    sums = {name: float(value) for name, value in sums.items()}   # waits for the device's last step
+    seconds = time.perf_counter() - start
+    return {"epoch": epoch + 1, "lr": opt.param_groups[0]["lr"],
+            "train_loss": sum(sums.values()) / max(seen, 1), "train_acc": int(correct) / max(seen, 1),
+            **{f"train_{k}": v / max(seen, 1) for k, v in sums.items()},
+            "images_per_s": seen / seconds, "seconds": seconds}
+
+
+def _keep_best(model: nn.Module, record: dict[str, Any], loop: dict[str, Any],
+               best_state: dict[str, torch.Tensor], patience: int | None) -> dict[str, torch.Tensor]:
+    """Early stopping: remember the best epoch's weights, count epochs since, stop after ``patience``.
+
+    Best is the highest held-out accuracy, ties broken by lower held-out loss; with no held-out
+    data every epoch is the best so far (the last weights win). Returns the best weights.
+    """
+    better = "val_acc" not in record or record["val_acc"] > loop["best_acc"] or (
+        record["val_acc"] == loop["best_acc"] and record["val_loss"] < loop["best_loss"])
+    if better:
+        loop.update(best_acc=record.get("val_acc", -1.0), best_loss=record.get("val_loss", float("inf")),
+                    best_epoch=record["epoch"], bad_epochs=0)
+        return _clone_state(model)
+    loop["bad_epochs"] += 1
+    if patience is not None and loop["bad_epochs"] >= patience:
+        loop["stopped_early"] = True
+    return best_state
+
+
+def _log_epoch(setup: FitSetup, record: dict[str, Any], stopped_early: bool) -> None:
+    if setup.progress:
+        tqdm.write(f"{setup.desc} epoch {record['epoch']}/{setup.cfg.epochs}: loss {record['train_loss']:.4f} "
+                   f"train acc {record['train_acc']:.3f}"
+                   + (f" val acc {record['val_acc']:.3f}" if "val_acc" in record else "")
+                   + f" ({record['images_per_s']:.0f} img/s)"
+                   + (" - early stop" if stopped_early else ""))
+
+
+def _summary(loop: dict[str, Any]) -> dict[str, Any]:
+    last = loop["history"][-1] if loop["history"] else {}
+    return {"best_epoch": loop["best_epoch"], "best_val_acc": loop["best_acc"], "epochs_run": loop["epoch"],
+            "stopped_early": loop["stopped_early"], "train_seconds": sum(r["seconds"] for r in loop["history"]),
+            "images_per_s": last.get("images_per_s"), "history": loop["history"]}
 
 
 def fit(
@@ -197,128 +391,21 @@ def fit(
     device = resolve_device("auto") if device is None else torch.device(device)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
-    objective = objective or cross_entropy_objective(cfg.label_smoothing)
-    channels_last = cfg.channels_last and device.type == "cuda"
-    model.to(device)
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    opt = make_optimizer(model, cfg)
-    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and cfg.amp
-                                  and not torch.cuda.is_bf16_supported())
-    steps_per_epoch = len(train_batches)
-    if cfg.max_steps_per_epoch:
-        steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
-    if steps_per_epoch == 0:
-        raise SpecdistillError(f"{desc}: the training split is empty; check the data source and data.limit")
-    total_steps = steps_per_epoch * cfg.epochs
-
+    setup = FitSetup(cfg, device, objective or cross_entropy_objective(cfg.label_smoothing),
+                     _steps_per_epoch(train_batches, cfg, desc), augment, desc, progress)
+    opt, scaler = _prepare(model, setup)
     out = Path(out_dir) if out_dir is not None else None
-    ckpt = out / CHECKPOINT if out is not None else None
-    fp = _fingerprint(model, cfg, fingerprint)
-    loop: dict[str, Any] = {"epoch": 0, "best_acc": -1.0, "best_loss": float("inf"), "best_epoch": -1,
-                            "bad_epochs": 0, "history": [], "fingerprint": fp, "stopped_early": False}
-    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-    if ckpt is not None and ckpt.exists():
-        tensors, meta = load_weights(ckpt)
-        if meta.get("loop", {}).get("fingerprint") != fp:
-            raise SpecdistillError(
-                f"{ckpt} was written by a different model or training config; delete {out} "
-                "(or pass --force) to start this training over"
-            )
-        loop = meta["loop"]
-        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-        best_state = {k[5:]: v.to(device) for k, v in tensors.items() if k.startswith("best.")}
-        _restore_optimizer(opt, tensors, meta["optimizer"])
-        torch.set_rng_state(tensors["rng.torch"])
-        if progress and loop["epoch"] < cfg.epochs and not loop["stopped_early"]:
-            tqdm.write(f"{desc}: resuming from {ckpt} after epoch {loop['epoch']}")
-
-    sampler = getattr(train_batches, "sampler", None)
+    loop, best_state = _start_or_resume(out, model, opt, _fingerprint(model, cfg, fingerprint), setup)
     while loop["epoch"] < cfg.epochs and not loop["stopped_early"]:
-        epoch = loop["epoch"]
-        torch.manual_seed(seed * 100_003 + epoch)          # dropout etc.: same stream after resume
-        aug_gen = torch.Generator().manual_seed(seed * 100_019 + epoch)
-        if hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(epoch)
-        model.train()
-        sums: dict[str, float] = {}
-        seen = correct = 0
-        start = time.perf_counter()
-        bar = tqdm(total=steps_per_epoch, desc=f"{desc} {epoch + 1}/{cfg.epochs}", disable=not progress,
-                   leave=False, mininterval=1.0 if _interactive() else 30.0, dynamic_ncols=True)
-        for step, (images, labels, index) in enumerate(train_batches):
-            if step >= steps_per_epoch:
-                break
-            for group in opt.param_groups:
-                group["lr"] = cfg.lr * lr_factor(cfg, epoch * steps_per_epoch + step, total_steps, steps_per_epoch)
-            x = to_float(images.to(device, non_blocking=True))
-            if augment is not None:
-                x = augment(x, aug_gen)
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            labels = labels.to(device, non_blocking=True)
-            with _autocast(device, cfg.amp):
-                logits, losses = objective(model, x, labels, index)
-                loss = sum(losses.values())
-            if not torch.isfinite(loss):
-                raise SpecdistillError(f"{desc}: the loss became {float(loss.detach())} at epoch {epoch + 1} "
-                                       f"step {step}; "
-                                       "lower the learning rate (train.lr) or check the data")
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            n = len(labels)
-            seen += n
-            with torch.no_grad():  # accumulate on the device: no host sync per step
-                correct = correct + (logits.argmax(1) == labels).sum()
-                for name, value in losses.items():
-                    sums[name] = sums.get(name, 0.0) + value.detach().float() * n
-            bar.update(1)
-            if bar.n % 20 == 0 or step == steps_per_epoch - 1:
-                rate = seen / (time.perf_counter() - start)
-                bar.set_postfix(loss=f"{float(sum(sums.values())) / seen:.3f}",
-                                acc=f"{int(correct) / seen:.3f}", img_s=f"{rate:.0f}", refresh=False)
-        bar.close()
-        sums = {name: float(value) for name, value in sums.items()}
-        correct = int(correct)
-        seconds = time.perf_counter() - start
-        record: dict[str, Any] = {"epoch": epoch + 1, "lr": opt.param_groups[0]["lr"],
-                                  "train_loss": sum(sums.values()) / max(seen, 1),
-                                  "train_acc": correct / max(seen, 1),
-                                  **{f"train_{k}": v / max(seen, 1) for k, v in sums.items()},
-                                  "images_per_s": seen / seconds, "seconds": seconds}
+        record = train_one_epoch(model, train_batches, opt, scaler, setup, loop["epoch"], seed)
         if val is not None and len(val):
             scores = evaluate(model, val, cfg.eval_batch_size, device)
             record.update(val_loss=scores["loss"], val_acc=scores["acc"])
-            better = scores["acc"] > loop["best_acc"] or (
-                scores["acc"] == loop["best_acc"] and scores["loss"] < loop["best_loss"])
-        else:
-            better = True
-        if better:
-            loop.update(best_acc=record.get("val_acc", -1.0), best_loss=record.get("val_loss", float("inf")),
-                        best_epoch=epoch + 1, bad_epochs=0)
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        else:
-            loop["bad_epochs"] += 1
-            if cfg.patience is not None and loop["bad_epochs"] >= cfg.patience:
-                loop["stopped_early"] = True
+        best_state = _keep_best(model, record, loop, best_state, cfg.patience)
         loop["history"].append(record)
-        loop["epoch"] = epoch + 1
-        if progress:
-            tqdm.write(f"{desc} epoch {epoch + 1}/{cfg.epochs}: loss {record['train_loss']:.4f} "
-                       f"train acc {record['train_acc']:.3f}"
-                       + (f" val acc {record['val_acc']:.3f}" if "val_acc" in record else "")
-                       + f" ({record['images_per_s']:.0f} img/s)"
-                       + (" - early stop" if loop["stopped_early"] else ""))
-        if out is not None:
-            _save_checkpoint(ckpt, model, opt, best_state, loop)
-            write_text(out / METRICS, "".join(json.dumps(r) + "\n" for r in loop["history"]))
-
+        loop["epoch"] = record["epoch"]
+        _log_epoch(setup, record, loop["stopped_early"])
+        _save_epoch(out, model, opt, best_state, loop)
     model.load_state_dict(best_state)
     model.eval()
-    last = loop["history"][-1] if loop["history"] else {}
-    return {"best_epoch": loop["best_epoch"], "best_val_acc": loop["best_acc"], "epochs_run": loop["epoch"],
-            "stopped_early": loop["stopped_early"], "train_seconds": sum(r["seconds"] for r in loop["history"]),
-            "images_per_s": last.get("images_per_s"), "history": loop["history"]}
+    return _summary(loop)

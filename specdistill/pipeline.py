@@ -22,6 +22,7 @@ from specdistill.cli import STAGE_ENTRY_POINTS, config_from_args, prepare_run_di
 from specdistill.config import STAGES, Config, stage_hash
 from specdistill.errors import SpecdistillError, exit_on_error
 from specdistill.report import print_summary, write_report
+from specdistill.rundir import RunDir
 
 
 class PeakMemory:
@@ -58,8 +59,9 @@ class PeakMemory:
 
 def reset_from(run_dir: Path, first: str) -> None:
     """Forget that ``first`` and every later stage finished, so they run again."""
+    run = RunDir.at(run_dir)
     for stage in STAGES[STAGES.index(first):]:
-        (run_dir / stage / "done.json").unlink(missing_ok=True)
+        run.done(stage).unlink(missing_ok=True)
 
 
 def run_pipeline(cfg: Config, start: str | None = None, force: bool = False,
@@ -69,7 +71,7 @@ def run_pipeline(cfg: Config, start: str | None = None, force: bool = False,
         start = STAGES[0]
     if start is not None:
         reset_from(run, start)
-    timings_path = run / "timings.json"
+    timings_path = RunDir.at(run).timings
     timings = read_json(timings_path) if timings_path.exists() else {}
     results: dict[str, Any] = {}
     last = STAGES.index(stop) if stop else len(STAGES) - 1

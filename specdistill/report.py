@@ -15,14 +15,22 @@ from specdistill.artifacts import atomic_path, read_json, write_text
 from specdistill.cli import config_from_args, stage_parser
 from specdistill.config import STAGES, Config
 from specdistill.errors import exit_on_error
+from specdistill.formatting import md_table
+from specdistill.records import Clusters, CombineResult
+from specdistill.rundir import RunDir
 
 
 def _load(path: Path) -> Any:
     return read_json(path) if path.exists() else None
 
 
-def _plot_training_curve(run: Path) -> str | None:
-    metrics = run / "generalist" / "metrics.jsonl"
+def _link(run: RunDir, path: Path) -> str:
+    """A file of the run as report.md (at the run root) links it."""
+    return path.relative_to(run.root).as_posix()
+
+
+def _plot_training_curve(run: RunDir) -> str | None:
+    metrics = run.generalist_metrics
     if not metrics.exists():
         return None
     import matplotlib
@@ -42,50 +50,51 @@ def _plot_training_curve(run: Path) -> str | None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    out = run / "generalist-training.png"   # the report's own: stage folders stay as the stages left them
+    out = run.training_curve   # the report's own: stage folders stay as the stages left them
     with atomic_path(out) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
-    return out.name
+    return _link(run, out)
 
 
-def _sample_grid(cfg: Config, run: Path) -> str | None:
-    out = run / "data-samples.png"
+def _sample_grid(cfg: Config, run: RunDir) -> str | None:
+    out = run.data_samples
     if not out.exists():
         from specdistill.data import load_data
         from specdistill.data.preview import save_sample_grid
 
         save_sample_grid(load_data(cfg.data, cfg.seed), out)
-    return out.name
+    return _link(run, out)
 
 
-def _embed(run: Path, stage: str, heading_level: int = 3) -> str:
+def _embed(run: RunDir, path: Path, heading_level: int = 3) -> str:
     """A stage's own report.md, with its headings demoted and image links made run-relative."""
-    path = run / stage / "report.md"
+    where = _link(run, path.parent)
     if not path.exists():
-        return f"*({stage}/report.md not written yet)*\n"
+        return f"*({_link(run, path)} not written yet)*\n"
     text = path.read_text(encoding="utf-8")
     text = re.sub(r"^(#+)", lambda m: "#" * min(6, len(m.group(1)) + heading_level - 1), text, flags=re.M)
-    return re.sub(r"\]\((?!https?:|/)([^)]+\.png)\)", rf"]({stage}/\1)", text)
+    return re.sub(r"\]\((?!https?:|/)([^)]+\.png)\)", rf"]({where}/\1)", text)
+
+
+def _clusters(run: RunDir) -> Clusters | None:
+    return Clusters.read(run.clusters) if run.clusters.exists() else None
 
 
 def headline(cfg: Config) -> dict[str, Any]:
     """The few numbers the summary table shows, from whatever stages have finished."""
-    run = cfg.run_path
+    run = RunDir.of(cfg)
     out: dict[str, Any] = {}
-    gen = _load(run / "generalist" / "meta.json")
+    gen = _load(run.generalist_meta)
     if gen:
         out["classes"] = gen["num_classes"]
         out["generalist test acc"] = gen["metrics"]["test_acc"]
-    clusters = _load(run / "clustering" / "clusters.json")
+    clusters = _clusters(run)
     if clusters:
-        out["specialists"] = len(clusters["groups"])
-    ev = _load(run / "combine" / "eval.json")
-    if ev:
-        acc = ev.get("table3", {}).get("ensemble_acc")
-        if acc is not None:
-            out["ensemble test acc"] = acc
-    st = _load(run / "student" / "eval.json")
+        out["specialists"] = len(clusters.groups)
+    if run.combine_eval.exists():
+        out["ensemble test acc"] = CombineResult.read(run.combine_eval).ensemble_acc("test")
+    st = _load(run.student_eval)
     if st:
         out["student test acc"] = st["test_acc"]
         student = (st.get("students") or {}).get("student", {})
@@ -101,17 +110,17 @@ def headline(cfg: Config) -> dict[str, Any]:
 
 
 def write_report(cfg: Config, timings: dict[str, dict] | None = None) -> Path:
-    run = cfg.run_path
-    timings = timings if timings is not None else (_load(run / "timings.json") or {})
+    run = RunDir.of(cfg)
+    timings = timings if timings is not None else (_load(run.timings) or {})
     parts = [f"# specdistill run `{cfg.name}`\n",
-             f"Config: `{run / 'config.yaml'}` · data source `{cfg.data.source}`\n"]
+             f"Config: `{run.config}` · data source `{cfg.data.source}`\n"]
     summary = headline(cfg)
     if summary:
-        parts.append("| | |\n|---|---|\n" + "".join(
-            f"| {k} | {v:.4f} |\n" if isinstance(v, float) else f"| {k} | {v} |\n" for k, v in summary.items()))
+        parts.append(md_table(["", ""], [[k, f"{v:.4f}" if isinstance(v, float) else v] for k, v in summary.items()])
+                     + "\n")
     parts.append("## Data\n")
     grid = _sample_grid(cfg, run)
-    gen = _load(run / "generalist" / "meta.json")
+    gen = _load(run.generalist_meta)
     if gen:
         d = gen.get("data", {})
         parts.append(f"{gen['num_classes']} classes; {d.get('train')} train, {d.get('val')} held-out, "
@@ -129,39 +138,38 @@ def write_report(cfg: Config, timings: dict[str, dict] | None = None) -> Path:
         if curve:
             parts.append(f"![training curve]({curve})\n")
     parts.append("## Confusable groups (clustering)\n")
-    clusters = _load(run / "clustering" / "clusters.json")
+    clusters = _clusters(run)
     if clusters:
-        sizes = [len(g["classes"]) for g in clusters["groups"]]
+        sizes = [len(g.classes) for g in clusters.groups]
+        histogram = clusters.details.get("coverage", {}).get("histogram", {})
         parts.append(f"{len(sizes)} groups, sizes {min(sizes)}-{max(sizes)}; coverage (classes by number of "
-                     f"groups covering them): `{json.dumps(clusters.get('coverage', {}).get('histogram', {}))}`.\n")
-        for g in clusters["groups"][:8]:
-            parts.append(f"- group {g['id']}: {' '.join(map(str, g['names'][:20]))}"
-                         + (" ..." if len(g["names"]) > 20 else "") + "\n")
-        for png in sorted((run / "clustering").glob("*.png")):
-            parts.append(f"\n![{png.stem}](clustering/{png.name})\n")
+                     f"groups covering them): `{json.dumps(histogram)}`.\n")
+        for g in clusters.groups[:8]:
+            parts.append(f"- group {g.id}: {' '.join(map(str, g.names[:20]))}"
+                         + (" ..." if len(g.names) > 20 else "") + "\n")
+        for png in sorted(run.clustering.glob("*.png")):
+            parts.append(f"\n![{png.stem}]({_link(run, png)})\n")
     parts.append("\n## Specialists + generalist (paper tables 3 and 4)\n")
-    parts.append(_embed(run, "combine"))
+    parts.append(_embed(run, run.combine_report))
     parts.append("\n## Distilled student\n")
-    parts.append(_embed(run, "student"))
+    parts.append(_embed(run, run.student_report))
     if timings:
-        parts.append("\n## Time and memory per stage\n\n| stage | seconds | peak memory (MiB) |\n|---|---|---|\n")
-        for stage in STAGES:
-            if stage in timings:
-                t = timings[stage]
-                parts.append(f"| {stage} | {t['seconds']:.1f} | {t['peak_rss_mb']} |\n")
-    path = run / "report.md"
-    write_text(path, "\n".join(parts))
-    return path
+        parts.append("\n## Time and memory per stage\n")
+        rows = [[stage, f"{timings[stage]['seconds']:.1f}", timings[stage]["peak_rss_mb"]]
+                for stage in STAGES if stage in timings]
+        parts.append(md_table(["stage", "seconds", "peak memory (MiB)"], rows) + "\n")
+    write_text(run.report, "\n".join(parts))
+    return run.report
 
 
 def print_summary(cfg: Config, timings: dict[str, dict] | None = None) -> None:
-    run = cfg.run_path
-    timings = timings if timings is not None else (_load(run / "timings.json") or {})
+    run = RunDir.of(cfg)
+    timings = timings if timings is not None else (_load(run.timings) or {})
     rows = [(k, f"{v:.4f}" if isinstance(v, float) else str(v)) for k, v in headline(cfg).items()]
     rows += [(f"{s} time", f"{timings[s]['seconds']:.0f} s, {timings[s]['peak_rss_mb']} MiB")
              for s in STAGES if s in timings]
     width = max((len(k) for k, _ in rows), default=10)
-    print(f"\nrun {cfg.name}: {run / 'report.md'}")
+    print(f"\nrun {cfg.name}: {run.report}")
     for key, value in rows:
         print(f"  {key:<{width}}  {value}")
 

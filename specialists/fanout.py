@@ -36,8 +36,11 @@ from specdistill.artifacts import is_done, load_weights, mark_done, read_json
 from specdistill.cli import config_from_args, prepare_run_dir, setup_environment, stage_parser
 from specdistill.config import Config, stage_hash
 from specdistill.errors import SpecdistillError, exit_on_error
+from specdistill.records import Clusters, SpecialistInfo
+from specdistill.rundir import RunDir
 from specialists import store
-from specialists.cluster import (
+from specialists.model import as_class_index
+from specialists.ray_cluster import (
     INFEASIBLE_GRACE_S,
     connect_ray,
     feasible,
@@ -45,7 +48,6 @@ from specialists.cluster import (
     same_machine,
     task_resources,
 )
-from specialists.model import as_class_index
 
 STAGE = "specialists"
 # failures of the machinery rather than of the work: worth another attempt
@@ -60,31 +62,20 @@ TRANSIENT_EXCEPTIONS = [RuntimeError, OSError, MemoryError]
 # Inputs, checked on the driver before Ray starts
 
 
-def load_inputs(cfg: Config, run: Path) -> dict[str, Any]:
+def load_inputs(cfg: Config, run: RunDir) -> dict[str, Any]:
     """The generalist, the groups and the data, each checked for the problems a user can fix."""
-    gen_path = run / "generalist" / "model.safetensors"
-    if not gen_path.exists():
-        raise SpecdistillError(f"missing generalist checkpoint {gen_path}; train it first "
-                               f"(python -m generalist.train --run-dir {run}) or point --run-dir at its run")
-    tensors, meta = load_weights(gen_path)
+    if not run.generalist_weights.exists():
+        raise SpecdistillError(f"missing generalist checkpoint {run.generalist_weights}; train it first "
+                               f"(python -m generalist.train --run-dir {run.root}) or point --run-dir at its run")
+    tensors, meta = load_weights(run.generalist_weights)
     num_classes = int(meta["num_classes"])
-    clusters = read_json(run / "clustering" / "clusters.json")
-    if "num_classes" in clusters and int(clusters["num_classes"]) != num_classes:
-        raise SpecdistillError(f"{run / 'clustering/clusters.json'} is for {clusters['num_classes']} classes but the "
-                               f"generalist has {num_classes}; rerun clustering on this generalist")
     groups = []
-    for position, raw in enumerate(clusters.get("groups") or []):
-        m = int(raw.get("id", position))
-        try:
-            classes = as_class_index(raw.get("classes", []), num_classes).tolist()
+    for g in Clusters.read(run.clusters, num_classes).groups:
+        try:   # what a specialist needs beyond valid class ids (e.g. more than one class)
+            as_class_index(g.classes, num_classes)
         except SpecdistillError as exc:
-            raise SpecdistillError(f"clusters.json group {m}: {exc}") from None
-        names = raw.get("names") or [meta["class_names"][c] for c in classes]
-        groups.append({"id": m, "classes": classes, "names": list(names)})
-    if not groups:
-        raise SpecdistillError(f"{run / 'clustering/clusters.json'} has no groups; rerun clustering with k >= 1")
-    if len({g["id"] for g in groups}) != len(groups):
-        raise SpecdistillError("clusters.json repeats a group id; rerun clustering")
+            raise SpecdistillError(f"{run.clusters} group {g.id}: {exc}") from None
+        groups.append({"id": g.id, "classes": g.classes, "names": g.names})
 
     data = None
     if not cfg.specialists.load_data_on_workers:
@@ -94,7 +85,7 @@ def load_inputs(cfg: Config, run: Path) -> dict[str, Any]:
                 raise SpecdistillError(f"group {group['id']} has no training examples (classes "
                                        f"{group['classes'][:5]}); check data.limit or rerun clustering")
     generalist = {"tensors": {k: v.numpy() for k, v in tensors.items()}, "meta": meta}
-    return {"generalist": generalist, "generalist_sha": store.file_sha256(gen_path), "groups": groups,
+    return {"generalist": generalist, "generalist_sha": store.file_sha256(run.generalist_weights), "groups": groups,
             "data": data}
 
 
@@ -154,21 +145,21 @@ def run_specialists(cfg: Config, force: bool = False, progress: bool = True, add
     ``address`` overrides ``specialists.ray_address``. ``on_written(m, done, total)`` is called
     after each specialist is on disk (tests use it to disturb the cluster mid-run).
     """
-    run = prepare_run_dir(cfg)
-    spec_dir = run / STAGE
+    run = RunDir.at(prepare_run_dir(cfg))
+    spec_dir = run.specialists
     inputs = load_inputs(cfg, run)
     groups = inputs["groups"]
     keys = {g["id"]: store.specialist_key(cfg, inputs["generalist_sha"], g) for g in groups}
-    todo = [g for g in groups if force or not store.is_finished(spec_dir, g["id"], keys[g["id"]])]
+    todo = [g for g in groups if force or not store.is_finished(run, g["id"], keys[g["id"]])]
     digest = stage_hash(cfg, STAGE)
-    if not todo and is_done(run, STAGE, digest):
-        done = read_json(spec_dir / "done.json")
+    if not todo and is_done(run.root, STAGE, digest):
+        done = read_json(run.done(STAGE))
         if done.get("ids") == [g["id"] for g in groups]:
             print(f"specialists: all {len(groups)} already trained in {spec_dir} (config hash {digest}); "
                   "use --force to retrain")
             return {**done, "trained": 0, "skipped": len(groups), "resubmitted": 0}
     if force:  # also forget half-trained checkpoints of an interrupted run
-        shutil.rmtree(spec_dir / ".work", ignore_errors=True)
+        shutil.rmtree(run.specialists_work, ignore_errors=True)
     began = time.perf_counter()
     summary: dict[str, Any] = {"total": len(groups), "skipped": len(groups) - len(todo), "trained": 0,
                                "resubmitted": 0}
@@ -176,15 +167,16 @@ def run_specialists(cfg: Config, force: bool = False, progress: bool = True, add
         print(f"specialists: {len(todo)} to train, {summary['skipped']} already finished -> {spec_dir}", flush=True)
         started = connect_ray(address if address is not None else cfg.specialists.ray_address)
         try:
-            summary.update(_fan_out(cfg, inputs, todo, keys, spec_dir, progress, on_written))
+            summary.update(_fan_out(cfg, inputs, todo, keys, run, progress, on_written))
         finally:
             if started:
                 ray.shutdown()
     _remove_stale(spec_dir, {g["id"] for g in groups})
-    shutil.rmtree(spec_dir / ".work", ignore_errors=True)
-    infos = [read_json(store.info_path(spec_dir, g["id"])) for g in groups]
+    shutil.rmtree(run.specialists_work, ignore_errors=True)
+    infos = [SpecialistInfo.read(run.specialist_info(g["id"]), inputs["generalist"]["meta"]["num_classes"])
+             for g in groups]
     summary.update(_summarise(infos), seconds=round(time.perf_counter() - began, 1))
-    mark_done(run, STAGE, digest, ids=[g["id"] for g in groups],
+    mark_done(run.root, STAGE, digest, ids=[g["id"] for g in groups],
               **{k: v for k, v in summary.items() if k != "ids"})
     print(f"specialists: {summary['trained']} trained, {summary['skipped']} reused, {summary['total']} in all; "
           f"held-out accuracy within the group {summary['mean_specialist_group_acc']:.4f} vs the "
@@ -193,7 +185,7 @@ def run_specialists(cfg: Config, force: bool = False, progress: bool = True, add
 
 
 def _fan_out(cfg: Config, inputs: dict[str, Any], todo: list[dict[str, Any]], keys: dict[int, str],
-             spec_dir: Path, progress: bool, on_written: Callable[[int, int, int], None] | None) -> dict[str, Any]:
+             run: RunDir, progress: bool, on_written: Callable[[int, int, int], None] | None) -> dict[str, Any]:
     scfg = cfg.specialists
     resources = task_resources(cfg)
     device = "cuda" if resources["num_gpus"] > 0 else "cpu"
@@ -207,7 +199,7 @@ def _fan_out(cfg: Config, inputs: dict[str, Any], todo: list[dict[str, Any]], ke
 
     def submit(group: dict[str, Any]) -> ray.ObjectRef:
         # on one machine the engine checkpoints each epoch into the run dir, so a killed run resumes
-        work = str((spec_dir / ".work" / f"{group['id']:04d}-{keys[group['id']]}").resolve()) if local_fs else None
+        work = str((run.specialists_work / f"{group['id']:04d}-{keys[group['id']]}").resolve()) if local_fs else None
         return _remote_train.options(name=f"specialist-{group['id']}", **options).remote(
             generalist_ref, data_ref, group, cfg_json, device, threads, work)
 
@@ -254,11 +246,11 @@ def _fan_out(cfg: Config, inputs: dict[str, Any], todo: list[dict[str, Any]], ke
                     f"(traceback above); the {done} finished specialists are saved, fix the cause and run again"
                 ) from None
             del ref
-            info = store.write_specialist(spec_dir, result, keys[m])
-            shutil.rmtree(spec_dir / ".work" / f"{m:04d}-{keys[m]}", ignore_errors=True)
+            info = store.write_specialist(run, result, keys[m])
+            shutil.rmtree(run.specialists_work / f"{m:04d}-{keys[m]}", ignore_errors=True)
             done += 1
             trained += 1
-            met = info["metrics"]
+            met = info.metrics
             bar.set_postfix_str(f"#{m} group acc {met['specialist_group_acc']:.3f} "
                                 f"(generalist {met['generalist_group_acc']:.3f})")
             bar.update(1)
@@ -279,9 +271,9 @@ def _remove_stale(spec_dir: Path, ids: set[int]) -> None:
             path.unlink(missing_ok=True)
 
 
-def _summarise(infos: list[dict[str, Any]]) -> dict[str, Any]:
+def _summarise(infos: list[SpecialistInfo]) -> dict[str, Any]:
     def mean(key: str) -> float:
-        values = [i["metrics"][key] for i in infos if np.isfinite(i["metrics"].get(key, float("nan")))]
+        values = [i.metrics[key] for i in infos if np.isfinite(i.metrics.get(key, float("nan")))]
         return float(np.mean(values)) if values else float("nan")
 
     return {"mean_specialist_group_acc": mean("specialist_group_acc"),

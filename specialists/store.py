@@ -9,49 +9,37 @@ rebuild a specialist from the one file.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import math
 import os
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from specdistill.artifacts import read_json, save_weights, write_json
+from specdistill.artifacts import require_done, save_weights
 from specdistill.config import Config, stage_hash
 from specdistill.errors import SpecdistillError
+from specdistill.hashing import digest_file, digest_json
 from specdistill.models import Classifier, load_classifier
+from specdistill.records import SpecialistInfo
+from specdistill.rundir import RunDir
 
 
 def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def weights_path(spec_dir: Path, m: int) -> Path:
-    return spec_dir / f"{m:04d}.safetensors"
-
-
-def info_path(spec_dir: Path, m: int) -> Path:
-    return spec_dir / f"{m:04d}.json"
+    """The full SHA-256 of a file: ``weights_sha256`` stays a real checksum anyone can verify."""
+    return digest_file(path, length=None)
 
 
 def specialist_key(cfg: Config, generalist_sha: str, group: dict[str, Any]) -> str:
     """What a finished specialist must match to be reused: config, generalist weights, group."""
     cfg = cfg.model_copy(deep=True)
     cfg.specialists.load_data_on_workers = False   # where data is read does not change the result
-    blob = json.dumps([stage_hash(cfg, "specialists"), generalist_sha, int(group["id"]),
-                       [int(c) for c in group["classes"]]])
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return digest_json([stage_hash(cfg, "specialists"), generalist_sha, int(group["id"]),
+                        [int(c) for c in group["classes"]]])
 
 
-def is_finished(spec_dir: Path, m: int, key: str) -> bool:
-    info_file, weights_file = info_path(spec_dir, m), weights_path(spec_dir, m)
+def is_finished(run: RunDir, m: int, key: str) -> bool:
+    info_file, weights_file = run.specialist_info(m), run.specialist_weights(m)
     if not (info_file.exists() and weights_file.exists()):
         return False
     try:
@@ -61,38 +49,43 @@ def is_finished(spec_dir: Path, m: int, key: str) -> bool:
     return info.get("key") == key and info.get("weights_sha256") == file_sha256(weights_file)
 
 
-def write_specialist(spec_dir: Path, result: dict[str, Any], key: str) -> dict[str, Any]:
+def write_specialist(run: RunDir, result: dict[str, Any], key: str) -> SpecialistInfo:
     """Write one trained specialist (the dict :func:`specialists.train.train_one` returns)."""
     m = int(result["id"])
-    info = {
-        "id": m, "classes": result["classes"], "names": result["names"],
-        "dustbin_correction": float(result["dustbin_correction"]),
-        "oversampling_factor": math.exp(result["dustbin_correction"]),
-        "group_share": result["group_share"], "training_fraction": result["training_fraction"],
-        "key": key, "metrics": result["metrics"], "ran_on": result.get("ran_on"),
-    }
+    info = SpecialistInfo(m, list(result["classes"]), list(result["names"]), float(result["dustbin_correction"]),
+                          group_share=result["group_share"], training_fraction=result["training_fraction"],
+                          key=key, metrics=result["metrics"], ran_on=result.get("ran_on"))
     tensors = {k: torch.from_numpy(np.array(v)) for k, v in result["tensors"].items()}
-    save_weights(weights_path(spec_dir, m), tensors, {**result["model_meta"], **info})
-    info["weights_sha256"] = file_sha256(weights_path(spec_dir, m))
-    write_json(info_path(spec_dir, m), info)
+    save_weights(run.specialist_weights(m), tensors, {**result["model_meta"], **info.to_json()})
+    info.weights_sha256 = file_sha256(run.specialist_weights(m))
+    info.write(run.specialist_info(m))
     return info
 
 
-def load_specialist(spec_dir: str | os.PathLike, m: int,
-                    device: str | torch.device = "cpu") -> tuple[Classifier, dict[str, Any]]:
-    """One specialist (eval mode) and its JSON (``classes``, ``dustbin_correction``, ``metrics``...)."""
-    spec_dir = Path(spec_dir)
-    info = read_json(info_path(spec_dir, m))
-    model, _ = load_classifier(weights_path(spec_dir, m), device)
-    if model.num_classes != len(info["classes"]) + 1:
-        raise SpecdistillError(f"{weights_path(spec_dir, m)} has {model.num_classes} outputs but its JSON names "
-                               f"{len(info['classes'])} classes + dustbin; delete both and rerun the specialists")
+def load_specialist(run: RunDir, m: int, device: str | torch.device = "cpu",
+                    num_classes: int | None = None) -> tuple[Classifier, SpecialistInfo]:
+    """One specialist (eval mode) and its record, checked against each other (and the generalist's
+    ``num_classes`` when given)."""
+    info = SpecialistInfo.read(run.specialist_info(m), num_classes)
+    model, _ = load_classifier(run.specialist_weights(m), device)
+    if model.num_classes != len(info.classes) + 1:
+        raise SpecdistillError(f"{run.specialist_weights(m)} has {model.num_classes} outputs but "
+                               f"{run.specialist_info(m)} names {len(info.classes)} classes + dustbin; delete "
+                               "both and rerun the specialists stage (specdistill run CONFIG --from specialists)")
     return model, info
 
 
-def load_specialists(run_dir: str | os.PathLike,
-                     device: str | torch.device = "cpu") -> list[tuple[Classifier, dict[str, Any]]]:
-    """Every specialist of a finished stage, in group order (as listed in ``specialists/done.json``)."""
-    spec_dir = Path(run_dir) / "specialists"
-    done = read_json(spec_dir / "done.json")
-    return [load_specialist(spec_dir, m, device) for m in done["ids"]]
+def finished_ids(run: RunDir) -> list[int]:
+    """The specialists of the finished stage, in group order (as listed in ``specialists/done.json``)."""
+    ids = require_done(run.root, "specialists").get("ids")
+    if not ids:
+        raise SpecdistillError(f"{run.done('specialists')} lists no specialists; rerun that stage "
+                               "(specdistill run CONFIG --from specialists)")
+    return list(ids)
+
+
+def load_specialists(run: RunDir | str | os.PathLike, device: str | torch.device = "cpu",
+                     num_classes: int | None = None) -> list[tuple[Classifier, SpecialistInfo]]:
+    """Every specialist of a finished stage, in group order."""
+    run = run if isinstance(run, RunDir) else RunDir.at(run)
+    return [load_specialist(run, m, device, num_classes) for m in finished_ids(run)]

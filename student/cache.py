@@ -30,7 +30,6 @@ differs is never used silently: :func:`load_cache` refuses it with one line, and
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -44,6 +43,7 @@ from tqdm.auto import tqdm
 
 from specdistill.artifacts import read_json, read_npy, write_json, write_npy
 from specdistill.errors import SpecdistillError
+from specdistill.hashing import digest_arrays, digest_json
 
 CACHE_FORMAT = 1
 _FLOOR = -1e4           # log-probs below this are 0 in float32 anyway; float16 reaches -65504
@@ -54,18 +54,13 @@ TeacherFn = Callable[[np.ndarray], torch.Tensor]   # uint8 images [b, ...] -> lo
 
 def cache_key(description: dict[str, Any]) -> str:
     """A short hash of a JSON-able description of the teacher targets."""
-    blob = json.dumps({"format": CACHE_FORMAT, **description}, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return digest_json({"format": CACHE_FORMAT, **description})
 
 
 def data_fingerprint(images: np.ndarray, labels: np.ndarray) -> str:
     """A hash of the training examples themselves, so a re-rendered or re-split data set (same
     config, different files) never reuses targets that belong to other images."""
-    digest = hashlib.sha256()
-    digest.update(repr((images.shape, str(images.dtype))).encode())
-    digest.update(np.ascontiguousarray(images).data)
-    digest.update(np.ascontiguousarray(labels, dtype=np.int64).data)
-    return digest.hexdigest()[:16]
+    return digest_arrays(images, np.asarray(labels, dtype=np.int64))
 
 
 class TeacherCache:

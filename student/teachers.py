@@ -30,6 +30,7 @@ from specdistill.data import Dataset
 from specdistill.engine import predict_logits
 from specdistill.errors import SpecdistillError
 from specdistill.models import load_classifier
+from specdistill.rundir import RunDir
 from student.cache import TeacherFn
 
 TEACHERS = ("ensemble", "generalist", "generalists")
@@ -64,13 +65,14 @@ def check_class_count(teacher_classes: int, dataset: Dataset, what: str) -> None
 # generalist and generalists
 
 
-def generalist_path(cfg: Config, seed: int) -> Path:
-    run = cfg.run_path
-    return run / ("generalist" if seed == cfg.seed else f"generalist-seed{seed}") / "model.safetensors"
+def generalist_dir(cfg: Config, seed: int) -> Path:
+    """The run's own generalist for its seed, else a further one trained here for the ``generalists`` teacher."""
+    run = RunDir.of(cfg)
+    return run.generalist if seed == cfg.seed else run.generalist_seed(seed)
 
 
 def ensure_generalists(cfg: Config, dataset: Dataset, seeds: Sequence[int], progress: bool = True) -> list[Path]:
-    """Weights of a generalist per seed, training the missing ones with ``generalist.train``.
+    """The folder of a generalist per seed, training the missing ones with ``generalist.train``.
 
     The run's own seed is the generalist stage's model; every other seed gets its own folder and
     ``done.json`` (hash of the generalist config with that seed), so a rerun skips finished ones
@@ -78,27 +80,27 @@ def ensure_generalists(cfg: Config, dataset: Dataset, seeds: Sequence[int], prog
     """
     from generalist.train import train_generalist  # an earlier stage: allowed, imported lazily
 
-    run = cfg.run_path
-    require_done(run, "generalist", stage_hash(cfg, "generalist"))
-    paths = []
+    run = RunDir.of(cfg)
+    require_done(run.root, "generalist", stage_hash(cfg, "generalist"))
+    folders = []
     for seed in dict.fromkeys(seeds):
-        path = generalist_path(cfg, seed)
+        folder = generalist_dir(cfg, seed)
         if seed != cfg.seed:
-            folder = path.parent.name
             digest = stage_hash(cfg.model_copy(update={"seed": seed}), "generalist")
-            if not is_done(run, folder, digest):
-                if (path.parent / "done.json").exists():   # finished for another config: start over
-                    shutil.rmtree(path.parent)
-                train_generalist(cfg, path.parent, seed=seed, dataset=dataset, progress=progress)
-                mark_done(run, folder, digest)
-        paths.append(path)
-    return paths
+            if not is_done(run.root, folder.name, digest):
+                if run.done(folder.name).exists():   # finished for another config: start over
+                    shutil.rmtree(folder)
+                train_generalist(cfg, folder, seed=seed, dataset=dataset, progress=progress)
+                mark_done(run.root, folder.name, digest)
+        folders.append(folder)
+    return folders
 
 
-def generalists_teacher(paths: Sequence[Path], dataset: Dataset, device: torch.device,
+def generalists_teacher(folders: Sequence[Path], dataset: Dataset, device: torch.device,
                         batch_size: int = 512) -> TeacherFn:
     models = []
-    for path in paths:
+    for folder in folders:
+        path = RunDir.weights_in(folder)
         model, meta = load_classifier(path, device)
         check_class_count(meta["num_classes"], dataset, f"generalist {path}")
         models.append(model)
@@ -110,43 +112,18 @@ def generalists_teacher(paths: Sequence[Path], dataset: Dataset, device: torch.d
 
 
 def ensemble_teacher(cfg: Config, dataset: Dataset, device: torch.device, batch_size: int = 512) -> TeacherFn:
-    """Generalist + every specialist, combined per example with ``combine.kl_combine``."""
-    from combine import active_specialists, kl_combine  # earlier stages: allowed, imported lazily
-    from combine.calibration import apply_temperature, load_calibration
-    from specialists.dustbin import specialist_log_probs
-    from specialists.store import load_specialists
+    """Generalist + every specialist, combined per example: the ensemble the combine stage evaluated
+    (the same :class:`combine.ensemble.Ensemble`, rule and held-out calibration)."""
+    from combine.calibration import Calibration  # earlier stages: allowed, imported lazily
+    from combine.ensemble import Ensemble
 
-    run = cfg.run_path
-    require_done(run, "combine", stage_hash(cfg, "combine"))
-    generalist, meta = load_classifier(run / "generalist" / "model.safetensors", device)
-    check_class_count(meta["num_classes"], dataset, "generalist")
-    specialists = load_specialists(run, device)
-    groups = [torch.as_tensor(info["classes"], dtype=torch.long, device=device) for _, info in specialists]
-    corrections = [float(info.get("dustbin_correction", 0.0)) for _, info in specialists]
-    # the combine stage's held-out temperatures, so the teacher is the ensemble combine evaluated
-    calibration = (load_calibration(run, len(specialists)) if cfg.combine.calibrate
-                   else {"generalist": 1.0, "specialists": [1.0] * len(specialists)})
-    if any(int(g.max()) >= dataset.num_classes for g in groups if len(g)):
-        raise SpecdistillError(f"a specialist in {run / 'specialists'} names a class id >= "
-                               f"{dataset.num_classes}; rerun the specialists stage for this data")
-
-    def teacher(images: np.ndarray) -> torch.Tensor:
-        gen = torch.log_softmax(predict_logits(generalist, images, batch_size, device), dim=1).to(device)
-        gen = apply_temperature(gen, calibration["generalist"])
-        active = active_specialists(gen, groups, cfg.combine.top_n)
-        spec = []
-        for m, ((model, _), correction) in enumerate(zip(specialists, corrections)):
-            # a specialist runs only on the examples where it is active; other rows are never read
-            rows = torch.zeros(len(images), len(groups[m]) + 1, device=device)
-            hit = active[:, m].cpu().numpy()
-            if hit.any():
-                rows[torch.as_tensor(hit, device=device)] = specialist_log_probs(
-                    model, images[hit], correction, batch_size, device, calibration["specialists"][m]).to(device)
-            spec.append(rows)
-        return kl_combine(gen, groups, spec, top_n=cfg.combine.top_n, solver=cfg.combine.solver,
-                          max_iter=cfg.combine.max_iter, tol=cfg.combine.tol, active=active).float().cpu()
-
-    return teacher
+    run = RunDir.of(cfg)
+    require_done(run.root, "combine", stage_hash(cfg, "combine"))
+    ensemble = Ensemble.load(run, device, batch_size)
+    check_class_count(ensemble.num_classes, dataset, "generalist")
+    if cfg.combine.calibrate:
+        ensemble.calibration = Calibration.read(run.calibration, len(ensemble))
+    return lambda images: ensemble.log_probs(images, cfg.combine)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -173,11 +150,11 @@ def make_teacher(cfg: Config, kind: str, dataset: Dataset, device: torch.device,
         return ensemble_teacher(cfg, dataset, device, batch)
     if kind == "generalist":
         require_done(cfg.run_path, "generalist", stage_hash(cfg, "generalist"))
-        return generalists_teacher([generalist_path(cfg, cfg.seed)], dataset, device, batch)
+        return generalists_teacher([generalist_dir(cfg, cfg.seed)], dataset, device, batch)
     if kind == "generalists":
         if len(set(cfg.student.teacher_seeds)) < 2:
             raise SpecdistillError("student.teacher=generalists averages several generalists; give at "
                                    "least two seeds in student.teacher_seeds, e.g. [0, 1]")
-        paths = ensure_generalists(cfg, dataset, cfg.student.teacher_seeds, progress)
-        return generalists_teacher(paths, dataset, device, batch)
+        folders = ensure_generalists(cfg, dataset, cfg.student.teacher_seeds, progress)
+        return generalists_teacher(folders, dataset, device, batch)
     raise SpecdistillError(f"unknown teacher {kind!r}; choose one of: {', '.join(TEACHERS)}")

@@ -13,8 +13,6 @@ ensemble; with ``student.assistant`` the chain teacher -> assistant -> student (
 
 from __future__ import annotations
 
-import hashlib
-import json
 import shutil
 import time
 from dataclasses import dataclass
@@ -30,8 +28,11 @@ from specdistill.data import Dataset, load_data
 from specdistill.data.loading import BatchAugment, train_loader
 from specdistill.engine import evaluate, fit, resolve_device
 from specdistill.errors import SpecdistillError, exit_on_error
+from specdistill.hashing import digest_json
 from specdistill.kd import Distiller, loss_from_config
 from specdistill.models import Classifier, build_model, count_flops, save_classifier
+from specdistill.records import CombineResult
+from specdistill.rundir import RunDir
 from student.cache import TeacherCache, build_cache, cache_key, data_fingerprint, load_or_build, tempered_tail_share
 from student.report import evaluation, render_report
 from student.teachers import describe_teacher, make_teacher, models_teacher
@@ -82,7 +83,7 @@ def train_one(cfg: Config, plan: StudentPlan, dataset: Dataset, teacher: Teacher
     if teacher is not None and teacher.num_classes != dataset.num_classes:
         raise SpecdistillError(
             f"the teacher targets score {teacher.num_classes} classes but the student is built for "
-            f"{dataset.num_classes}; delete {cfg.run_path / 'student' / 'cache'} and rerun the student stage"
+            f"{dataset.num_classes}; delete {RunDir.of(cfg).teacher_caches} and rerun the student stage"
         )
     torch.manual_seed(cfg.seed)
     model = build_model(plan.model, dataset.num_classes, dataset.channels, dataset.image_size)
@@ -97,9 +98,9 @@ def train_one(cfg: Config, plan: StudentPlan, dataset: Dataset, teacher: Teacher
 
 def _run_folder(plan: StudentPlan, teacher_key: str, cfg: Config) -> str:
     """Checkpoint folder name: a different student config never resumes another one's checkpoint."""
-    blob = json.dumps([plan.model.model_dump(), plan.loss.model_dump(), cfg.student.train.model_dump(),
-                       teacher_key, cfg.seed], sort_keys=True, default=str)
-    return f"{plan.name}-{hashlib.sha256(blob.encode()).hexdigest()[:8]}"
+    key = digest_json([plan.model.model_dump(), plan.loss.model_dump(), cfg.student.train.model_dump(),
+                       teacher_key, cfg.seed])
+    return f"{plan.name}-{key}"
 
 
 def model_meta(model: Classifier, plan: StudentPlan, dataset: Dataset, **extra: Any) -> dict[str, Any]:
@@ -113,99 +114,112 @@ def model_meta(model: Classifier, plan: StudentPlan, dataset: Dataset, **extra: 
 
 def run_student(cfg: Config, force: bool = False, progress: bool = True,
                 dataset: Dataset | None = None) -> dict[str, Any]:
-    """The pipeline's stage 5: skipped when it already finished with the same config hash."""
-    run = prepare_run_dir(cfg)
-    out = run / "student"
+    """The pipeline's stage 5: skipped when it already finished with the same config hash.
+
+    Steps: plan the students, train each (building the teacher caches it needs), record.
+    """
+    run = RunDir.at(prepare_run_dir(cfg))
     digest = stage_hash(cfg, "student")
-    if not force and is_done(run, "student", digest):
-        result = read_json(out / "eval.json")
-        print(f"student: already trained in {out} (config hash {digest}); test accuracy "
+    if not force and is_done(run.root, "student", digest):
+        result = read_json(run.student_eval)
+        print(f"student: already trained in {run.student} (config hash {digest}); test accuracy "
               f"{result['test_acc']:.4f}. Use --force to retrain.")
         return result
-    if force:
-        shutil.rmtree(out, ignore_errors=True)
-    elif (out / "done.json").exists():
-        # finished for another config: keep the keyed teacher caches and student runs (a student whose
-        # model, loss, schedule and teacher did not change is reused, not retrained)
-        for name in ("baselines", "done.json"):
-            target = out / name
-            shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
-    require_done(run, "generalist", stage_hash(cfg, "generalist"))
+    clear_previous(run, force)
+    require_done(run.root, "generalist", stage_hash(cfg, "generalist"))
+    if run.combine_eval.exists():   # the report reads the ensemble's accuracy from it: check it first
+        CombineResult.read(run.combine_eval)
     started = time.perf_counter()
     dataset = dataset or load_data(cfg.data, cfg.seed)
-    device = resolve_device(cfg.device)
-    fingerprint = data_fingerprint(dataset.train.images, dataset.train.labels)
-    plans = plan_students(cfg)
-
-    caches: dict[str, TeacherCache] = {}
-    cache_seconds: dict[str, float] = {}
-
-    def teacher_cache(kind: str) -> TeacherCache:
-        if kind not in caches:
-            began = time.perf_counter()
-            caches[kind] = load_or_build(
-                out / "cache" / kind, describe_teacher(cfg, kind, fingerprint),
-                lambda: make_teacher(cfg, kind, dataset, device, progress), dataset.train.images,
-                cfg.student.cache_top_k, cfg.student.train.eval_batch_size, progress, f"{kind} teacher")
-            cache_seconds[kind] = time.perf_counter() - began
-            temperature = cfg.student.loss.temperature
-            tail = tempered_tail_share(caches[kind], temperature)
-            if tail > 0.5 and cfg.student.loss.name != "hard":
-                print(f"student: warning: at T={temperature:g}, {tail:.0%} of the {kind} teacher's soft targets "
-                      f"lie outside its top {caches[kind].top_k} classes (kept as an even share), so the soft "
-                      "term mostly teaches a flat tail; try a lower student.loss.temperature", flush=True)
-        return caches[kind]
-
-    students: dict[str, dict[str, Any]] = {}
-    main_model: Classifier | None = None
-    for plan in plans:
-        if plan.teacher is None:
-            teacher = None
-        elif plan.teacher == "assistant":      # built right after the assistant trained (plans order)
-            teacher = caches["assistant"]
-        else:
-            teacher = teacher_cache(plan.teacher)
-        key = teacher.key if teacher is not None else "labels"
-        model, result = train_one(cfg, plan, dataset, teacher, out / "runs" / _run_folder(plan, key, cfg),
-                                  device, progress)
-        val = evaluate(model, dataset.val, cfg.student.train.eval_batch_size, device)
-        test = evaluate(model, dataset.test, cfg.student.train.eval_batch_size, device)
-        metrics = {"val_acc": val["acc"], "test_acc": test["acc"], "test_loss": test["loss"],
-                   "best_epoch": result["best_epoch"], "epochs_run": result["epochs_run"],
-                   "train_seconds": result["train_seconds"], "images_per_s": result["images_per_s"]}
-        meta = model_meta(model, plan, dataset, metrics=metrics, teacher_key=key)
-        students[plan.name] = {"title": plan.title, **{k: meta[k] for k in ("model", "teacher", "loss",
-                                                                          "parameters", "macs")}, **metrics}
-        if plan.name == "student":
-            main_model = model
-            save_classifier(out / "model.safetensors", model, meta)
-        else:
-            save_classifier(out / "baselines" / f"{plan.name}.safetensors", model, meta)
-        if plan.name == "assistant":   # the assistant teaches the student: cache its targets too
-            model.to(device)
-            description = {"teacher": "assistant", "of": key, "run": _run_folder(plan, key, cfg),
-                           "top_k": cfg.student.cache_top_k}
-            began = time.perf_counter()
-            caches["assistant"] = build_cache(models_teacher([model], device, cfg.student.train.eval_batch_size),
-                                              dataset.train.images, cfg.student.cache_top_k,
-                                              cache_key(description), description,
-                                              cfg.student.train.eval_batch_size, progress, "assistant teacher")
-            caches["assistant"].save(out / "cache" / "assistant")
-            cache_seconds["assistant"] = time.perf_counter() - began
-        print(f"student: {plan.title}: val accuracy {val['acc']:.4f}, test accuracy {test['acc']:.4f}")
-    assert main_model is not None
-
-    result = evaluation(cfg, dataset, students, caches, cache_seconds, device)
+    teachers = TeacherCaches(cfg, run, dataset, resolve_device(cfg.device), progress)
+    students = {plan.name: train_and_save(cfg, run, plan, dataset, teachers, progress)
+                for plan in plan_students(cfg)}
+    result = evaluation(cfg, dataset, students, teachers.caches, teachers.seconds)
     result["seconds"] = time.perf_counter() - started
-    write_json(out / "eval.json", result)
-    write_text(out / "report.md", render_report(result))
-    mark_done(run, "student", digest, test_acc=result["test_acc"])
+    write_json(run.student_eval, result)
+    write_text(run.student_report, render_report(result))
+    mark_done(run.root, "student", digest, test_acc=result["test_acc"])
     gain = result["gain_kept"].get("student")
     print(f"student: test accuracy {result['test_acc']:.4f}"
           + (f", keeps {gain:.0%} of the ensemble's gain over the generalist" if gain is not None and gain >= 0
              else ", below the generalist" if gain is not None else "")
-          + f" -> {out}")
+          + f" -> {run.student}")
     return result
+
+
+def clear_previous(run: RunDir, force: bool) -> None:
+    """``--force`` starts over; a stage finished for another config keeps its keyed teacher caches and
+    student checkpoints (a student whose model, loss, schedule and teacher did not change is reused)."""
+    if force:
+        shutil.rmtree(run.student, ignore_errors=True)
+    elif run.done("student").exists():
+        shutil.rmtree(run.student_baselines, ignore_errors=True)
+        run.done("student").unlink(missing_ok=True)
+
+
+class TeacherCaches:
+    """Each teacher's targets over the training split, built once (keyed on disk) and reused."""
+
+    def __init__(self, cfg: Config, run: RunDir, dataset: Dataset, device: torch.device, progress: bool) -> None:
+        self.cfg, self.run, self.dataset, self.device, self.progress = cfg, run, dataset, device, progress
+        self.fingerprint = data_fingerprint(dataset.train.images, dataset.train.labels)
+        self.caches: dict[str, TeacherCache] = {}
+        self.seconds: dict[str, float] = {}
+
+    def get(self, kind: str) -> TeacherCache:
+        """A named teacher's cache (``assistant`` must have been added by :meth:`add_assistant` first)."""
+        if kind not in self.caches:
+            cfg, dataset = self.cfg, self.dataset
+            began = time.perf_counter()
+            self.caches[kind] = load_or_build(
+                self.run.teacher_cache(kind), describe_teacher(cfg, kind, self.fingerprint),
+                lambda: make_teacher(cfg, kind, dataset, self.device, self.progress), dataset.train.images,
+                cfg.student.cache_top_k, cfg.student.train.eval_batch_size, self.progress, f"{kind} teacher")
+            self.seconds[kind] = time.perf_counter() - began
+            self._warn_flat_tail(kind)
+        return self.caches[kind]
+
+    def add_assistant(self, model: Classifier, description: dict[str, Any]) -> None:
+        """The trained assistant teaches the student: cache its targets too."""
+        cfg = self.cfg
+        began = time.perf_counter()
+        cache = build_cache(models_teacher([model.to(self.device)], self.device, cfg.student.train.eval_batch_size),
+                            self.dataset.train.images, cfg.student.cache_top_k, cache_key(description),
+                            description, cfg.student.train.eval_batch_size, self.progress, "assistant teacher")
+        cache.save(self.run.teacher_cache("assistant"))
+        self.caches["assistant"] = cache
+        self.seconds["assistant"] = time.perf_counter() - began
+
+    def _warn_flat_tail(self, kind: str) -> None:
+        temperature = self.cfg.student.loss.temperature
+        tail = tempered_tail_share(self.caches[kind], temperature)
+        if tail > 0.5 and self.cfg.student.loss.name != "hard":
+            print(f"student: warning: at T={temperature:g}, {tail:.0%} of the {kind} teacher's soft targets "
+                  f"lie outside its top {self.caches[kind].top_k} classes (kept as an even share), so the soft "
+                  "term mostly teaches a flat tail; try a lower student.loss.temperature", flush=True)
+
+
+def train_and_save(cfg: Config, run: RunDir, plan: StudentPlan, dataset: Dataset, teachers: TeacherCaches,
+                   progress: bool) -> dict[str, Any]:
+    """Train one planned student (resuming its checkpoint), evaluate it, save its weights; its eval row."""
+    teacher = None if plan.teacher is None else teachers.get(plan.teacher)
+    key = teacher.key if teacher is not None else "labels"
+    folder = _run_folder(plan, key, cfg)
+    model, result = train_one(cfg, plan, dataset, teacher, run.student_checkpoints(folder), teachers.device,
+                              progress)
+    val = evaluate(model, dataset.val, cfg.student.train.eval_batch_size, teachers.device)
+    test = evaluate(model, dataset.test, cfg.student.train.eval_batch_size, teachers.device)
+    metrics = {"val_acc": val["acc"], "test_acc": test["acc"], "test_loss": test["loss"],
+               "best_epoch": result["best_epoch"], "epochs_run": result["epochs_run"],
+               "train_seconds": result["train_seconds"], "images_per_s": result["images_per_s"]}
+    meta = model_meta(model, plan, dataset, metrics=metrics, teacher_key=key)
+    save_classifier(run.student_weights if plan.name == "student" else run.student_baseline(plan.name), model, meta)
+    if plan.name == "assistant":
+        teachers.add_assistant(model, {"teacher": "assistant", "of": key, "run": folder,
+                                       "top_k": cfg.student.cache_top_k})
+    print(f"student: {plan.title}: val accuracy {val['acc']:.4f}, test accuracy {test['acc']:.4f}")
+    return {"title": plan.title, **{k: meta[k] for k in ("model", "teacher", "loss", "parameters", "macs")},
+            **metrics}
 
 
 @exit_on_error

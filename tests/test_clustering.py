@@ -17,7 +17,7 @@ from clustering.overlap import coverage, drop_small, groups_from_labels
 from clustering.predictions import check_dense, check_sparse
 from specdistill.artifacts import mark_done, write_json, write_npy
 from specdistill.config import Config, stage_hash
-from specdistill.data.synthetic_predictions import make_synthetic_predictions
+from testkit.synthetic_predictions import make_synthetic_predictions
 
 
 @pytest.fixture(scope="module")

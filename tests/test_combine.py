@@ -10,10 +10,13 @@ import torch
 
 from combine import active_specialists, kl_combine, kl_objective
 from combine.baselines import average_of_distributions, product_of_experts
-from combine.evaluate import evaluate_predictions
+from combine.evaluate import evaluate_predictions, evaluate_split
 from combine.metrics import conditional_accuracy, expected_calibration_error, negative_log_likelihood, table4
-from combine.reference import paper_gradient_descent, reference_solve
+from specdistill.config import CombineConfig
 from specdistill.errors import SpecdistillError
+from specdistill.records import CombineResult, SpecialistInfo
+from specdistill.rundir import RunDir
+from testkit.reference_combine import paper_gradient_descent, reference_solve
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -381,21 +384,22 @@ def informative_ensemble(N=300, K=24, seed=0):
 
 def test_evaluate_predictions_tables_add_up():
     gen, groups, specs, labels = informative_ensemble()
-    result = evaluate_predictions(gen, groups, specs, labels, top_n=1, keep_predictions=True)
-    systems = result["systems"]
+    result = evaluate_predictions(gen, groups, specs, labels, top_n=1)
+    systems = result.split("test").systems
     assert set(systems) == {"generalist", "kl_top1", "kl_top2", "kl_top3", "average", "product"}
-    t3, rows = result["table3"], result["table4"]
+    t3, rows = result.table3("test"), result.split("test").table4
     assert sum(r["examples"] for r in rows) == len(labels)
     gen_correct = round(systems["generalist"]["accuracy"] * len(labels))
     ens_correct = round(systems["kl_top1"]["accuracy"] * len(labels))
     assert sum(r["delta_correct"] for r in rows) == ens_correct - gen_correct
-    assert t3["ensemble_acc"] == systems["kl_top1"]["accuracy"] == result["ensemble"]["test_acc"]
+    assert t3["ensemble_acc"] == systems["kl_top1"]["accuracy"] == result.ensemble_acc("test")
     assert t3["conditional_examples"] == int((labels < 18).sum())   # the groups cover classes 0..17
     assert t3["ensemble_acc"] > t3["generalist_acc"]   # the specialists know what the generalist confuses
-    for name, lp in result["predictions"].items():
+    _, predictions = evaluate_split(gen, groups, specs, labels, CombineConfig(top_n=1))
+    for name, lp in predictions.items():
         assert torch.allclose(lp.double().logsumexp(1), torch.zeros(len(labels), dtype=torch.float64),
                               atol=1e-6), name
-    json.dumps({k: v for k, v in result.items() if k != "predictions"})   # eval.json-ready
+    assert CombineResult.from_json(json.loads(json.dumps(result.to_json()))) == result   # eval.json round trip
 
 
 # ----------------------------------------------------------------------------------------------
@@ -405,7 +409,7 @@ def test_evaluate_predictions_tables_add_up():
 def test_run_combine_writes_the_run_directory(tmp_path, monkeypatch):
     from combine.evaluate import main, run_combine
     from specdistill import data as data_module
-    from specdistill.artifacts import mark_done, read_npy, write_json
+    from specdistill.artifacts import mark_done, read_npy
     from specdistill.config import Config, ModelConfig, stage_hash
     from specdistill.data import Dataset, Split
     from specdistill.engine import predict_log_probs
@@ -419,19 +423,20 @@ def test_run_combine_writes_the_run_directory(tmp_path, monkeypatch):
     monkeypatch.setattr(data_module, "load_data", lambda cfg, seed=0: dataset)
 
     run = tmp_path / "run"
+    paths = RunDir.at(run)
     cfg = Config(run_dir=str(run))
     mcfg = ModelConfig(name="mlp", hidden=[16])
     meta = {"model": mcfg.model_dump(), "channels": 1, "image_size": size}
     torch.manual_seed(0)
     generalist = build_model(mcfg, K, 1, size)
-    save_classifier(run / "generalist" / "model.safetensors", generalist, {**meta, "num_classes": K})
+    save_classifier(paths.generalist_weights, generalist, {**meta, "num_classes": K})
     mark_done(run, "generalist", stage_hash(cfg, "generalist"))
     groups, corrections = [[0, 1, 2], [2, 3, 4, 5]], [0.7, -0.3]
     spec_models = []
     for m, (classes, corr) in enumerate(zip(groups, corrections)):
         model = build_model(mcfg, len(classes) + 1, 1, size)
-        save_classifier(run / "specialists" / f"{m:04d}.safetensors", model, {**meta, "num_classes": len(classes) + 1})
-        write_json(run / "specialists" / f"{m:04d}.json", {"id": m, "classes": classes, "dustbin_correction": corr})
+        save_classifier(paths.specialist_weights(m), model, {**meta, "num_classes": len(classes) + 1})
+        SpecialistInfo(m, classes, [f"c{c}" for c in classes], corr).write(paths.specialist_info(m))
         spec_models.append(model)
     mark_done(run, "specialists", stage_hash(cfg, "specialists"), ids=[0, 1])
 
@@ -444,11 +449,11 @@ def test_run_combine_writes_the_run_directory(tmp_path, monkeypatch):
     spec_lp = [specialist_log_probs(model.eval(), test.images, corr) for model, corr in zip(spec_models, corrections)]
     expected = kl_combine(gen_lp, [torch.tensor(g) for g in groups], spec_lp)
     assert torch.allclose(preds, expected, atol=1e-5)
-    assert result["num_examples"] == 40 and result["num_specialists"] == 2
+    assert result.split("test").num_examples == 40 and result.num_specialists == 2
     assert "Table 4" in (out / "report.md").read_text()
 
     stamp = (out / "eval.json").stat().st_mtime_ns
-    assert run_combine(cfg)["table3"] == result["table3"]        # done: read back, not redone
+    assert run_combine(cfg).table3() == result.table3()        # done: read back, not redone
     assert (out / "eval.json").stat().st_mtime_ns == stamp
     main(["--run-dir", str(run), "--force", "--set", "combine.top_n=2"])
     assert json.loads((out / "eval.json").read_text())["top_n"] == 2

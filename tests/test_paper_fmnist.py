@@ -1,16 +1,17 @@
-"""The paper-experiment code paths (student/paper*.py) at a tiny size: every experiment runs, is
+"""The paper-experiment code paths (paper/) at a tiny size: every experiment runs, is
 deterministic for a seed, makes its choices on held-out data only, and reuses saved models."""
 
 import numpy as np
 import pytest
 import torch
 
+from paper.experiments import choose_bias
+from paper.lab import Lab, Regulariser, RepeatedSampler, choose
+from paper.run import EXPERIMENT_ORDER, run_experiments
+from paper.transfer import munge, shift, small_subset
 from specdistill.config import load_config
 from specdistill.data import Dataset, Split
 from specdistill.errors import SpecdistillError
-from student.paper import EXPERIMENT_ORDER, Lab, Regulariser, RepeatedSampler, choose, run_experiments
-from student.paper_experiments import choose_bias
-from student.paper_transfer import munge, shift, small_subset
 
 TINY = [
     "data.source=fashion-mnist",

@@ -13,8 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from specdistill.artifacts import read_json
+from specdistill.artifacts import FORMAT_VERSION, read_json
 from specdistill.config import STAGES, load_config, stage_hash
+from specdistill.records import CombineResult
 
 TINY = Path(__file__).parent / "configs" / "tiny.yaml"
 
@@ -65,10 +66,10 @@ def test_every_artifact_exists_and_agrees(finished_run):
         assert spec["classes"] == groups[spec["id"]]["classes"]
         assert np.isfinite(spec["dustbin_correction"])
         assert path.with_suffix(".safetensors").stat().st_size > 0
-    ev = read_json(run / "combine" / "eval.json")
-    assert ev["num_examples"] == len(labels_test) and ev["num_classes"] == k
-    assert ev["num_specialists"] == len(groups)
-    assert ev["table3"]["generalist_acc"] == pytest.approx(meta["metrics"]["test_acc"], abs=1e-6)
+    ev = CombineResult.read(run / "combine" / "eval.json")
+    assert ev.split("test").num_examples == len(labels_test) and ev.num_classes == k
+    assert ev.num_specialists == len(groups)
+    assert ev.table3("test")["generalist_acc"] == pytest.approx(meta["metrics"]["test_acc"], abs=1e-6)
     student = read_json(run / "student" / "eval.json")
     assert 0.0 <= student["test_acc"] <= 1.0 and (run / "student" / "model.safetensors").exists()
     report = (run / "report.md").read_text()
@@ -141,12 +142,13 @@ def test_a_run_directory_from_an_older_format_is_refused_untouched(finished_run,
     shutil.copytree(finished_run[0], run)
     marker = run / "generalist" / "done.json"
     done = json.loads(marker.read_text())
-    marker.write_text(json.dumps({**done, "format_version": 0}))
+    older = FORMAT_VERSION - 1     # e.g. a run made before combine/eval.json held per-split records
+    marker.write_text(json.dumps({**done, "format_version": older}))
     before = _stamps(run)
     proc = _run(run)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 2, out[-2000:]
-    assert "written by an older specdistill (run-directory format 0" in out and "--force" in out
+    assert f"written by an older specdistill (run-directory format {older}" in out and "--force" in out
     assert _stamps(run) == before
 
 

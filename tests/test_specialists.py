@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import time
 
 import numpy as np
@@ -273,6 +274,8 @@ def _write_run(run_dir, groups=None) -> Config:
     from specdistill.artifacts import write_json
     from specdistill.data import load_data
     from specdistill.models import save_classifier
+    from specdistill.records import Clusters, Group
+    from specdistill.rundir import RunDir
 
     cfg = _stage_config(run_dir)
     ds = load_data(cfg.data, cfg.seed)
@@ -282,12 +285,12 @@ def _write_run(run_dir, groups=None) -> Config:
         progress=False, device="cpu")
     meta = {"class_names": ds.class_names, "num_classes": ds.num_classes, "channels": ds.channels,
             "image_size": ds.image_size, "model": cfg.generalist.model.model_dump(mode="json")}
-    save_classifier(run_dir / "generalist" / "model.safetensors", model, meta)
-    write_json(run_dir / "generalist" / "meta.json", meta)
+    run = RunDir.at(run_dir)
+    save_classifier(run.generalist_weights, model, meta)
+    write_json(run.generalist_meta, meta)
     groups = groups or ds.meta["groups"]                             # the planted look-alike groups
-    write_json(run_dir / "clustering" / "clusters.json", {
-        "num_classes": ds.num_classes, "class_names": ds.class_names,
-        "groups": [{"id": m, "classes": g, "names": [ds.class_names[c] for c in g]} for m, g in enumerate(groups)]})
+    Clusters(ds.num_classes, ds.class_names,
+             [Group(m, list(g), [ds.class_names[c] for c in g]) for m, g in enumerate(groups)]).write(run.clusters)
     return cfg
 
 
@@ -302,24 +305,25 @@ def _with_groups(run_dir, tmp_path, groups):
     import shutil
 
     from specdistill.artifacts import read_json, write_json
+    from specdistill.rundir import RunDir
 
-    target = tmp_path / "run"
-    shutil.copytree(run_dir / "generalist", target / "generalist")
-    clusters = read_json(run_dir / "clustering" / "clusters.json")
+    source, target = RunDir.at(run_dir), RunDir.at(tmp_path / "run")
+    shutil.copytree(source.generalist, target.generalist)
+    clusters = read_json(source.clusters)   # hand-edited on purpose: a file the record would not write
     clusters["groups"] = [{"id": m, "classes": g} for m, g in enumerate(groups)]
-    write_json(target / "clustering" / "clusters.json", clusters)
-    return _stage_config(target)
+    write_json(target.clusters, clusters)
+    return _stage_config(target.root)
 
 
 @pytest.mark.parametrize("groups, message", [
-    ([[0, 1, 2], [3, 40]], "group 1: group names class id 40 but the generalist has 12 classes"),
+    ([[0, 1, 2], [3, 40]], "group 1 names class 40 (the generalist has 12 classes)"),
     ([[0, 1, 2], [5]], "group 1: a group of 1 class"),
 ])
 def test_bad_clusters_fail_before_ray_starts(run_dir, tmp_path, groups, message):
     from specialists.fanout import run_specialists
 
     cfg = _with_groups(run_dir, tmp_path, groups)
-    with pytest.raises(SpecdistillError, match=message.replace("(", r"\(")):
+    with pytest.raises(SpecdistillError, match=re.escape(message)):
         run_specialists(cfg, progress=False, address="ray://nowhere:1")   # never reached
     assert not (cfg.run_path / "specialists" / "done.json").exists()
 
@@ -394,9 +398,9 @@ def test_fanout_survives_losing_a_node_and_a_rerun_trains_nothing(run_dir, two_n
     assert sorted(infos) == ["0000.json", "0001.json", "0002.json", "0003.json"]
     loaded = load_specialists(cfg.run_path)
     for (model, info), m in zip(loaded, range(4)):
-        assert info["id"] == m and model.num_classes == 4
-        assert info["dustbin_correction"] == pytest.approx(math.log(3.0))   # f = 1/2, each group 1/4
-        assert info["metrics"]["init_group_acc"] == info["metrics"]["generalist_group_acc"]
+        assert info.id == m and model.num_classes == 4
+        assert info.dustbin_correction == pytest.approx(math.log(3.0))   # f = 1/2, each group 1/4
+        assert info.metrics["init_group_acc"] == info.metrics["generalist_group_acc"]
     alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
     assert worker.node_id not in alive
 
@@ -413,7 +417,7 @@ def test_fanout_survives_losing_a_node_and_a_rerun_trains_nothing(run_dir, two_n
     third = run_specialists(_stage_config(run_dir, load_data_on_workers=True), progress=False)
     assert third["trained"] == 1 and third["skipped"] == 3
     model, info = load_specialists(cfg.run_path)[2]
-    assert info["metrics"]["val_group_examples"] == loaded[2][1]["metrics"]["val_group_examples"]
+    assert info.metrics["val_group_examples"] == loaded[2][1].metrics["val_group_examples"]
 
 
 def test_asking_for_gpus_on_a_cpu_cluster_fails_fast(run_dir, two_node_cluster):

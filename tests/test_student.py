@@ -17,6 +17,8 @@ from specdistill.engine import evaluate, fit
 from specdistill.errors import SpecdistillError
 from specdistill.kd import Distiller, build_loss
 from specdistill.models import build_model
+from specdistill.records import CombineResult, SpecialistInfo, SplitEvaluation
+from specdistill.rundir import RunDir
 from student.cache import TeacherCache, build_cache, cache_key, compress, load_cache, load_or_build
 from student.teachers import average_log_probs
 from student.train import StudentPlan, _run_folder, plan_students, train_one
@@ -237,22 +239,24 @@ def tiny_run(tmp_path):
     # a task hard enough that the generalist is far from perfect (about 60% on held-out data)
     data = Dataset("blocks", [f"c{i}" for i in range(10)], *(_blocks(n, seed, noise=160, signal=45)
                                                               for n, seed in ((320, 0), (160, 1), (160, 2))))
-    run = cfg.run_path
-    train_generalist(cfg, run / "generalist", dataset=data, progress=False)
+    run, paths = cfg.run_path, RunDir.of(cfg)
+    train_generalist(cfg, paths.generalist, dataset=data, progress=False)
     mark_done(run, "generalist", stage_hash(cfg, "generalist"))
-    generalist, meta = load_classifier(run / "generalist" / "model.safetensors")
+    generalist, meta = load_classifier(paths.generalist_weights)
     features = generalist.features(torch.as_tensor(data.train.images[:64]).float().div(127.5).sub(1)[:, None])
     for m, classes in enumerate(([0, 1, 2], [5, 6, 7, 8])):
         spec = make_specialist(generalist, classes, features.detach(), dustbin_init="lstsq")
-        save_classifier(run / "specialists" / f"{m:04d}.safetensors", spec,
-                        {**meta, "num_classes": len(classes) + 1})
-        (run / "specialists" / f"{m:04d}.json").write_text(json.dumps(
-            {"id": m, "classes": classes, "names": [f"c{c}" for c in classes], "dustbin_correction": 0.0}))
+        save_classifier(paths.specialist_weights(m), spec, {**meta, "num_classes": len(classes) + 1})
+        SpecialistInfo(m, classes, [f"c{c}" for c in classes], 0.0).write(paths.specialist_info(m))
     mark_done(run, "specialists", stage_hash(cfg, "specialists"), ids=[0, 1])
-    (run / "combine").mkdir()
     # the combine stage's measurement, made up: halfway between the generalist and perfect
-    gen_acc = float(read_json(run / "generalist" / "meta.json")["metrics"]["test_acc"])
-    (run / "combine" / "eval.json").write_text(json.dumps({"ensemble": {"test_acc": (1 + gen_acc) / 2}}))
+    gen_acc = float(read_json(paths.generalist_meta)["metrics"]["test_acc"])
+    systems = {name: {"accuracy": acc, "conditional_accuracy": None}
+               for name, acc in (("generalist", gen_acc), ("kl_top1", (1 + gen_acc) / 2))}
+    test = SplitEvaluation(num_examples=len(data.test), systems=systems, table4=[], conditional_examples=0,
+                           active_specialists={})
+    CombineResult(num_classes=10, num_specialists=2, top_n=1, solver="fixed_point", ensemble="kl_top1",
+                  splits={"test": test}, specialist_ids=[0, 1]).write(paths.combine_eval)
     mark_done(run, "combine", stage_hash(cfg, "combine"))
     return tmp_path, data
 
@@ -337,17 +341,16 @@ def test_load_config_accepts_student_sections():
     assert cfg.student.loss.noise_fraction == 0.5 and cfg.student.assistant.name == "mlp"
 
 
-def test_ensemble_accuracy_is_measured_when_combine_report_lacks_it(tiny_run):
+def test_a_combine_result_that_is_not_one_stops_before_training(tiny_run):
+    """The report reads the ensemble's measured accuracy; it never rebuilds the ensemble to guess it."""
     from student.train import run_student
 
     tmp_path, data = tiny_run
     cfg = _cfg(tmp_path, baselines=False)
     (cfg.run_path / "combine" / "eval.json").write_text("{}")
-    result = run_student(cfg, progress=False, dataset=data)
-    ens = result["teachers"]["ensemble"]
-    assert ens["source"].startswith("student stage") and 0.1 < ens["test_acc"] <= 1.0
-    gen = result["teachers"]["generalist"]["test_acc"]
-    assert result["ensemble_gain"] == pytest.approx(ens["test_acc"] - gen)
+    with pytest.raises(SpecdistillError, match=r"eval.json is not a combine result.*--from combine"):
+        run_student(cfg, progress=False, dataset=data)
+    assert not (cfg.run_path / "student" / "runs").exists()    # nothing trained
 
 
 def test_tempered_tail_share_by_hand():

@@ -11,8 +11,6 @@ entry once: the others wait for it and then read it.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import os
 import time
 import warnings
@@ -24,6 +22,7 @@ from specdistill.artifacts import read_json, read_npy, write_json, write_npy
 from specdistill.config import DataConfig
 from specdistill.data import Dataset, Split
 from specdistill.errors import SpecdistillError
+from specdistill.hashing import digest_json
 
 CACHE_VERSION = 1   # bump when a source's output changes for the same options
 _SPLITS = ("train", "val", "test")
@@ -40,8 +39,8 @@ def cache_root(cfg: DataConfig) -> Path:
 
 
 def options_hash(options: dict[str, Any]) -> str:
-    blob = json.dumps({"cache_version": CACHE_VERSION, **options}, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+    """Names the cache folder: the options and ``CACHE_VERSION``, so a stale entry is never read."""
+    return digest_json({"cache_version": CACHE_VERSION, **options})
 
 
 def cache_path(cfg: DataConfig, source: str, options: dict[str, Any]) -> Path:

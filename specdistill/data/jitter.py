@@ -8,13 +8,13 @@ a numpy Generator, so a seed gives the same images on every machine.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from specdistill.threads import torch_threads
 
 
 @dataclass(frozen=True)
@@ -41,24 +41,14 @@ def jitter_copies(base: np.ndarray, copies: int, out_size: int, jitter: Jitter,
     n = len(base)
     out = np.empty((n * copies, out_size, out_size), np.uint8)
     per = max(1, batch // copies)
-    with one_torch_thread():
+    # one thread: these small ops gain little from a second one, and on a shared machine OpenMP's
+    # spinning threads made them 3-6x slower (measured on a loaded 2-core box)
+    with torch_threads(1):
         for start in range(0, n, per):
             chunk = torch.from_numpy(np.ascontiguousarray(base[start:start + per], dtype=np.float32))
             out[start * copies:(start + len(chunk)) * copies] = _jitter_chunk(
                 chunk, copies, out_size, jitter, rng)
     return out
-
-
-@contextlib.contextmanager
-def one_torch_thread() -> Iterator[None]:
-    """Run torch single-threaded: these small ops gain little from a second thread, and on a shared
-    machine OpenMP's spinning threads made them 3-6x slower (measured on a loaded 2-core box)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def _jitter_chunk(base: torch.Tensor, copies: int, out_size: int, jitter: Jitter,

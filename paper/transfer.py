@@ -13,9 +13,10 @@ import numpy as np
 from sklearn.model_selection import train_test_split
 from sklearn.neighbors import NearestNeighbors
 
+from paper.lab import Lab, Result, Run, choose, describe, summary
 from specdistill.data import Split
 from specdistill.errors import SpecdistillError
-from student.paper import EXPERIMENTS, Lab, Result, Run, choose, describe, md_table, percent, summary
+from specdistill.formatting import md_table, percent
 
 
 def small_subset(lab: Lab) -> Split:
@@ -51,7 +52,6 @@ def chosen_small_alpha(lab: Lab) -> float:
     return lab.memo["small_alpha"]
 
 
-@EXPERIMENTS.register("small-data")
 def small_data(lab: Lab) -> Result:
     """Hard labels vs the large net's soft targets on a small share of the training data."""
     p, n_test = lab.paper, len(lab.data.test)
@@ -132,7 +132,6 @@ def shift(images: np.ndarray, max_px: int, rng: np.random.Generator) -> np.ndarr
     return out
 
 
-@EXPERIMENTS.register("synthetic-transfer")
 def synthetic_transfer(lab: Lab) -> Result:
     """Distil a small net on the small set alone vs the small set enlarged with MUNGE copies labelled
     by the teacher, for a teacher trained on the small set (Bucilua et al.'s setting: nothing else

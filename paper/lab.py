@@ -1,15 +1,4 @@
-"""The paper's smaller distillation experiments (Hinton, Vinyals & Dean 2015, sections 3 and 6).
-
-Why this lives in the student stage: every experiment is a question about distillation - does a
-small net taught by soft targets close the gap to a large one, at which temperature, with a class
-missing from the transfer set, from little data, from a synthetic transfer set. Unlike the stage
-they run on a dataset directly, with two-hidden-layer MLPs like the paper's, so they import only
-``specdistill``.
-
-This module holds the :class:`Lab` that every experiment trains through, and the runner.
-``student.paper_experiments`` has the experiments on the full transfer set (gap, temperature,
-missing class); ``student.paper_transfer`` those on a small labelled set (small data, synthetic
-transfer set). ``benchmarks/bench_paper_fmnist.py`` runs them from ``configs/paper-fmnist.yaml``.
+"""The :class:`Lab` that trains, caches and evaluates every model of the paper experiments.
 
 Rules the Lab enforces so that the tables can be trusted:
 
@@ -25,8 +14,6 @@ Rules the Lab enforces so that the tables can be trusted:
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -43,12 +30,11 @@ from specdistill.data import Dataset, Split
 from specdistill.data.loading import ArrayDataset, BatchAugment, EpochBatchSampler, batch_loader
 from specdistill.engine import fit, predict_logits, resolve_device
 from specdistill.errors import SpecdistillError
+from specdistill.hashing import digest_arrays, digest_json
 from specdistill.kd import Distiller, build_loss
 from specdistill.models import Classifier, build_model, load_classifier, save_classifier
-from specdistill.registry import Registry
 
 SPEC_VERSION = 1            # bump when training changes in a way the spec does not show
-EXPERIMENT_ORDER = ("gap", "temperature", "missing-class", "small-data", "synthetic-transfer")
 
 
 class Regulariser(nn.Module):
@@ -171,9 +157,7 @@ class Lab:
         """Content hash of an array (memoised per array object, which is kept alive here)."""
         hit = self._fingerprints.get(id(array))
         if hit is None or hit[0] is not array:
-            digest = hashlib.blake2b(np.ascontiguousarray(array).tobytes(), digest_size=12)
-            digest.update(repr((array.shape, str(array.dtype))).encode())
-            hit = self._fingerprints[id(array)] = (array, digest.hexdigest())
+            hit = self._fingerprints[id(array)] = (array, digest_arrays(array))
         return hit[1]
 
     def soft_targets(self, teacher: Run, images: np.ndarray) -> torch.Tensor:
@@ -203,7 +187,7 @@ class Lab:
             "regularise": [self.paper.jitter_px, self.paper.input_dropout] if regularise else None,
             "repeats": repeats,
         }
-        key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
+        key = digest_json(spec)
         if key in self._runs:
             return self._runs[key]
         path = self.work_dir / f"{key}.safetensors" if self.work_dir is not None else None
@@ -260,7 +244,7 @@ class Lab:
 
 
 # ----------------------------------------------------------------------------------------------
-# Results and the runner
+# Results
 
 
 @dataclass
@@ -280,26 +264,6 @@ class Result:
         return "\n\n".join(parts) + "\n"
 
 
-def md_table(header: list[str], rows: list[list[Any]]) -> str:
-    lines = ["| " + " | ".join(map(str, header)) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(map(str, row)) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def percent(x: float) -> str:
-    return f"{100 * x:.1f}%"
-
-
 def summary(run: Run) -> dict[str, Any]:
     return {"val_errors": run.val_errors, "test_errors": run.test_errors, "best_epoch": run.info["best_epoch"],
             "epochs_run": run.info["epochs_run"]}
-
-
-EXPERIMENTS: Registry[Callable[[Lab], Result]] = Registry("paper experiment")
-
-
-def run_experiments(lab: Lab, names: list[str] | tuple[str, ...] = EXPERIMENT_ORDER) -> list[Result]:
-    """Run the named experiments in order; models shared between them are trained once."""
-    from student import paper_experiments, paper_transfer  # noqa: F401  (registering the experiments)
-
-    return [EXPERIMENTS.get(name)(lab) for name in names]

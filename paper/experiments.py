@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from paper.lab import Lab, Result, Run, choose, count_errors, describe, mlp, summary
 from specdistill.errors import SpecdistillError
-from student.paper import EXPERIMENTS, Lab, Result, Run, choose, count_errors, describe, md_table, mlp, percent, summary
+from specdistill.formatting import md_table, percent
 
 
 def distilled_candidates(lab: Lab) -> dict[float, Run]:
@@ -32,7 +33,6 @@ def chosen_alpha(lab: Lab) -> float:
     return lab.memo["alpha"]
 
 
-@EXPERIMENTS.register("gap")
 def gap(lab: Lab) -> Result:
     """Large regularised net vs small net on hard labels vs small net distilled (paper: 67/146/74)."""
     s, g = lab.cfg.student, lab.cfg.generalist
@@ -59,7 +59,7 @@ def gap(lab: Lab) -> Result:
                       f"test errors (of {n_test})", "paper, MNIST (of 10000)"], rows)
     tried = ", ".join(f"{a:g}: {r.val_errors}" for a, r in candidates.items())
     notes = [
-        f"share of the gap closed by distillation: {percent(closed) if closed is not None else 'n/a (no gap)'} "
+        f"share of the gap closed by distillation: {percent(closed, missing='n/a (no gap)')} "
         "(paper: (146-74)/(146-67) = 91%)",
         f"alpha (weight of the soft term) chosen on held-out errors: {tried} -> {alpha:g}",
     ]
@@ -69,7 +69,6 @@ def gap(lab: Lab) -> Result:
     return Result("gap", "1. Distillation closes the gap (paper section 3)", [table], notes, data)
 
 
-@EXPERIMENTS.register("temperature")
 def temperature(lab: Lab) -> Result:
     """Test errors against T for a few student widths; T chosen per width on held-out data."""
     teacher = lab.large_net()
@@ -118,7 +117,6 @@ def class_errors(logits, labels: np.ndarray, cls: int) -> tuple[int, int]:
     return count_errors(logits[mask], labels[mask]), int(mask.sum())
 
 
-@EXPERIMENTS.register("missing-class")
 def missing_class(lab: Lab) -> Result:
     """Distil with one class absent from the transfer set, then raise its bias (chosen on held-out)."""
     data, cls = lab.data, lab.paper.missing_class

@@ -1,0 +1,111 @@
+"""The ensemble as one object: the generalist, the specialists and how they are combined.
+
+:class:`Ensemble` loads everything the combination needs from a run directory (the generalist, each
+specialist with its group and dustbin correction, the held-out calibration when asked for) and
+gives log-probabilities for a batch of images. It is the one forward pass of the generalist +
+specialists: the combine stage evaluates it, the student stage distils it. A specialist runs only on
+the rows where it is active (the only rows the combiner reads), so the cost grows with how often
+a specialist speaks, not with how many there are.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from combine.activation import active_specialists
+from combine.calibration import Calibration, apply_temperature
+from combine.kl import kl_combine
+from specdistill.config import CombineConfig
+from specdistill.engine import predict_logits
+from specdistill.errors import SpecdistillError
+from specdistill.models import load_classifier
+from specdistill.records import SpecialistInfo
+from specdistill.rundir import RunDir
+from specialists.dustbin import specialist_log_probs  # the one place the dustbin correction is applied
+from specialists.store import load_specialists
+
+
+class Ensemble:
+    """Generalist + specialists; ``groups[m]`` holds specialist m's class ids in its output order."""
+
+    def __init__(self, generalist: nn.Module, num_classes: int, specialists: Sequence[nn.Module],
+                 infos: Sequence[SpecialistInfo], device: torch.device | str = "cpu", batch_size: int = 512,
+                 calibration: Calibration | None = None) -> None:
+        self.device = torch.device(device)
+        self.generalist = generalist.to(self.device).eval()
+        self.num_classes = num_classes
+        self.specialists = [s.to(self.device).eval() for s in specialists]
+        self.infos = list(infos)
+        self.groups = [torch.as_tensor(i.classes, dtype=torch.int64) for i in self.infos]
+        self.batch_size = batch_size
+        self.calibration = calibration or Calibration.identity(len(self.specialists))
+
+    @classmethod
+    def load(cls, run: RunDir, device: torch.device | str = "cpu", batch_size: int = 512,
+             calibration: Calibration | None = None) -> Ensemble:
+        """The finished generalist and specialists of ``run``, checked against each other."""
+        generalist, meta = load_classifier(run.generalist_weights, device)
+        num_classes = int(meta["num_classes"])
+        loaded = load_specialists(run, device, num_classes)
+        models, infos = [model for model, _ in loaded], [info for _, info in loaded]
+        if calibration is not None and len(calibration.specialists) != len(models):
+            raise SpecdistillError(f"the calibration holds {len(calibration.specialists)} specialist temperatures "
+                                   f"for {len(models)} specialists; rerun the combine stage "
+                                   "(specdistill run CONFIG --from combine)")
+        return cls(generalist, num_classes, models, infos, device, batch_size, calibration)
+
+    @property
+    def ids(self) -> list[int]:
+        return [i.id for i in self.infos]
+
+    def __len__(self) -> int:
+        return len(self.specialists)
+
+    # ---- the models, one at a time
+    @torch.no_grad()
+    def generalist_log_probs(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """[B, K] calibrated log-probabilities of the generalist, on the CPU."""
+        logits = predict_logits(self.generalist, images, self.batch_size, self.device)
+        return apply_temperature(torch.log_softmax(logits, dim=1), self.calibration.generalist)
+
+    def specialist_log_probs(self, m: int, images: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """[B, |S_m| + 1] dustbin-corrected, calibrated log-probabilities of specialist m, on the CPU."""
+        return specialist_log_probs(self.specialists[m], images, self.infos[m].dustbin_correction,
+                                    self.batch_size, self.device, self.calibration.specialists[m]).cpu()
+
+    def specialist_outputs(self, images: np.ndarray, active: torch.Tensor) -> list[torch.Tensor]:
+        """Each specialist's [B, |S_m| + 1] rows where ``active[:, m]``; rows it skips are zeros, never read."""
+        outputs = []
+        for m, group in enumerate(self.groups):
+            out = torch.zeros(len(images), len(group) + 1)
+            rows = active[:, m].cpu().numpy()
+            if rows.any():
+                out[torch.as_tensor(rows)] = self.specialist_log_probs(m, images[rows])
+            outputs.append(out)
+        return outputs
+
+    def active(self, gen_log_probs: torch.Tensor, top_n: int) -> torch.Tensor:
+        """[B, M] bool: the paper's rule, specialist m speaks when its group meets the generalist's top-n."""
+        return active_specialists(gen_log_probs, self.groups, top_n)
+
+    # ---- the combination
+    def combine(self, gen_log_probs: torch.Tensor, outputs: Sequence[torch.Tensor], rule: CombineConfig,
+                active: torch.Tensor | None = None, return_info: bool = False):
+        """The KL combiner over given model outputs (on the ensemble's device), log q as float on the CPU."""
+        result = kl_combine(gen_log_probs.to(self.device), [g.to(self.device) for g in self.groups],
+                            [o.to(self.device) for o in outputs], top_n=rule.top_n, solver=rule.solver,
+                            max_iter=rule.max_iter, tol=rule.tol,
+                            active=None if active is None else active.to(self.device), return_info=return_info)
+        if return_info:
+            return result[0].float().cpu(), result[1]
+        return result.float().cpu()
+
+    def log_probs(self, images: np.ndarray, rule: CombineConfig) -> torch.Tensor:
+        """[B, K] log q of the ensemble for uint8 images: generalist, active specialists, KL combiner."""
+        gen = self.generalist_log_probs(images)
+        active = self.active(gen, rule.top_n)
+        return self.combine(gen, self.specialist_outputs(images, active), rule, active=active)
