@@ -8,7 +8,7 @@ export RAY_USAGE_STATS_ENABLED = 0
 export OMP_WAIT_POLICY ?= PASSIVE
 STAMP := .setup.stamp
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test cluster-test lint bench clean
 
 $(STAMP): pyproject.toml scripts/install-system-deps.sh
 	bash scripts/install-system-deps.sh
@@ -24,6 +24,11 @@ demo: setup
 
 test: setup
 	$(PYTHON) -m pytest
+
+# every command of docs/cluster.md on a real `ray up` cluster at 127.0.0.1 (root; private namespaces,
+# safe beside other Ray tests): scripts/cluster-smoke.sh
+cluster-test: setup
+	bash scripts/cluster-smoke.sh
 
 lint: setup
 	$(PYTHON) -m ruff check .

@@ -163,7 +163,7 @@ def part_scaling(env: dict, cfg: Config, specialists: int) -> None:
     train_one(env["state"], groups[0], env["data"], cfg, device="cpu")
     one = time.perf_counter() - t
     torch.set_num_threads(2)
-    inputs = {"generalist": env["state"], "generalist_sha": "bench", "groups": groups, "data": env["data"]}
+    inputs = {"generalist": env["state"], "generalist_identity": "bench", "groups": groups, "data": env["data"]}
     rows = []
     for workers in (1, 2):
         ray.init(address="local", num_cpus=workers, include_dashboard=False, logging_level="ERROR")

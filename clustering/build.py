@@ -18,11 +18,13 @@ import numpy as np
 from clustering.cluster import ClusterResult, cluster_classes
 from clustering.plots import groups_figure, matrix_figure, save_figure
 from clustering.predictions import Predictions, load_predictions
-from specdistill.artifacts import is_done, mark_done, read_json, read_npy, require_done
+from specdistill.artifacts import read_json, read_npy
 from specdistill.cli import config_from_args, prepare_run_dir, setup_environment, stage_parser
-from specdistill.config import Config, stage_hash
+from specdistill.config import Config, apply_flags, stage_hash
 from specdistill.errors import SpecdistillError, exit_on_error
 from specdistill.hashing import digest_file
+from specdistill.owner import lock
+from specdistill.provenance import is_done, mark_done, require_done
 from specdistill.records import Clusters, Group
 from specdistill.rundir import RunDir
 
@@ -42,6 +44,10 @@ def run_clustering(cfg: Config, *, probs_path: str | Path | None = None,
     began = time.perf_counter()
     run = RunDir.of(cfg)
     config_hash = stage_hash(cfg, STAGE)
+    for flag, given in (("--probs", probs_path), ("--names", names_path)):
+        if given is not None and Path(given).exists() and not Path(given).is_file():
+            raise SpecdistillError(f"{flag} {given} is a folder; pass the file itself"
+                                   + (" (N x K predictions, .npy or .npz)" if flag == "--probs" else ""))
     source = Path(probs_path) if probs_path else run.generalist_preds("val")
     fingerprint = _fingerprint(source, names_path)
     if not force and is_done(run.root, STAGE, config_hash) and run.clusters.exists():
@@ -84,7 +90,7 @@ def run_clustering(cfg: Config, *, probs_path: str | Path | None = None,
     # ---- write: pictures, clusters.json, then done.json last
     run.done(STAGE).unlink(missing_ok=True)
     if record_config:
-        prepare_run_dir(cfg)
+        prepare_run_dir(cfg, force)
     t0 = time.perf_counter()
     for name, fig in figures.items():
         save_figure(fig, run.clustering_figure(name))
@@ -96,7 +102,8 @@ def run_clustering(cfg: Config, *, probs_path: str | Path | None = None,
               "n_init": ccfg.n_init, "max_iter": ccfg.max_iter}
     clusters = clusters_json(result, class_names, preds, params, timings)
     clusters.write(run.clusters)
-    mark_done(run.root, STAGE, config_hash, input=fingerprint)
+    # read from the generalist's predictions, or from the user's own file (its fingerprint is `input`)
+    mark_done(run.root, STAGE, config_hash, inputs=None if probs_path is None else {}, input=fingerprint)
     _print_summary(clusters, run)
     return clusters
 
@@ -229,13 +236,13 @@ def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     if args.config is None and args.run_dir and RunDir.at(args.run_dir).config.exists():
         args.config = str(RunDir.at(args.run_dir).config)   # the run's resolved config
-    for attr, key in _FLAG_KEYS.items():
-        value = getattr(args, attr)
-        if value is not None:
-            args.overrides.append(f"clustering.{key}={value}")
-    cfg = config_from_args(args)
+    flags = {f"clustering.{key}": (f"--{attr.replace('_', '-')}", getattr(args, attr))
+             for attr, key in _FLAG_KEYS.items() if getattr(args, attr) is not None}
+    cfg = apply_flags(config_from_args(args), flags)   # a bad --k is blamed on --k, not the config file
     if args.names and not args.probs:
         raise SpecdistillError("--names goes with --probs; a run directory's names come from its meta.json")
+    if RunDir.of(cfg).root.is_dir():   # one process at a time in a run directory (a new one is claimed on write)
+        lock(RunDir.of(cfg))
     run_clustering(cfg, probs_path=args.probs, names_path=args.names, force=args.force,
                    record_config=True)
 

@@ -18,12 +18,13 @@ from torch import nn
 
 from combine.activation import active_specialists
 from combine.calibration import Calibration, apply_temperature
+from combine.gating import Gate
 from combine.kl import kl_combine
 from specdistill.config import CombineConfig
 from specdistill.engine import predict_logits
 from specdistill.errors import SpecdistillError
 from specdistill.models import load_classifier
-from specdistill.records import SpecialistInfo
+from specdistill.records import Clusters, SpecialistInfo
 from specdistill.rundir import RunDir
 from specialists.dustbin import specialist_log_probs  # the one place the dustbin correction is applied
 from specialists.store import load_specialists
@@ -43,6 +44,8 @@ class Ensemble:
         self.groups = [torch.as_tensor(i.classes, dtype=torch.int64) for i in self.infos]
         self.batch_size = batch_size
         self.calibration = calibration or Calibration.identity(len(self.specialists))
+        self.num_core: list[int] | None = None   # per group, its k-means members (listed first); None: all
+        self.gate = Gate.open(len(self.specialists))   # which specialists speak where (combine.gating)
 
     @classmethod
     def load(cls, run: RunDir, device: torch.device | str = "cpu", batch_size: int = 512,
@@ -52,11 +55,24 @@ class Ensemble:
         num_classes = int(meta["num_classes"])
         loaded = load_specialists(run, device, num_classes)
         models, infos = [model for model, _ in loaded], [info for _, info in loaded]
+        num_core = None
+        if run.clusters.exists():   # each specialist speaks for the group it was trained on
+            clusters = {g.id: g for g in Clusters.read(run.clusters, num_classes).groups}
+            for info in infos:
+                if info.id not in clusters or clusters[info.id].classes != info.classes:
+                    raise SpecdistillError(
+                        f"{run.specialist_info(info.id)} names other classes than group {info.id} of "
+                        f"{run.clusters}; run the same command again (specdistill run CONFIG): a specialist "
+                        "that does not match its group is trained again")
+            num_core = [clusters[i.id].num_core if clusters[i.id].num_core is not None else len(i.classes)
+                        for i in infos]
         if calibration is not None and len(calibration.specialists) != len(models):
             raise SpecdistillError(f"the calibration holds {len(calibration.specialists)} specialist temperatures "
                                    f"for {len(models)} specialists; rerun the combine stage "
                                    "(specdistill run CONFIG --from combine)")
-        return cls(generalist, num_classes, models, infos, device, batch_size, calibration)
+        ensemble = cls(generalist, num_classes, models, infos, device, batch_size, calibration)
+        ensemble.num_core = num_core
+        return ensemble
 
     @property
     def ids(self) -> list[int]:
@@ -89,20 +105,19 @@ class Ensemble:
         return outputs
 
     def active(self, gen_log_probs: torch.Tensor, top_n: int) -> torch.Tensor:
-        """[B, M] bool: the paper's rule, specialist m speaks when its group meets the generalist's top-n."""
-        return active_specialists(gen_log_probs, self.groups, top_n)
+        """[B, M] bool: the paper's rule (specialist m speaks when its group meets the generalist's
+        top-n), narrowed by the held-out gate."""
+        return self.gate.apply(active_specialists(gen_log_probs, self.groups, top_n), gen_log_probs)
 
     # ---- the combination
     def combine(self, gen_log_probs: torch.Tensor, outputs: Sequence[torch.Tensor], rule: CombineConfig,
-                active: torch.Tensor | None = None, return_info: bool = False):
-        """The KL combiner over given model outputs (on the ensemble's device), log q as float on the CPU."""
-        result = kl_combine(gen_log_probs.to(self.device), [g.to(self.device) for g in self.groups],
-                            [o.to(self.device) for o in outputs], top_n=rule.top_n, solver=rule.solver,
-                            max_iter=rule.max_iter, tol=rule.tol,
-                            active=None if active is None else active.to(self.device), return_info=return_info)
-        if return_info:
-            return result[0].float().cpu(), result[1]
-        return result.float().cpu()
+                active: torch.Tensor | None = None) -> torch.Tensor:
+        """The KL combiner over given model outputs (on the ensemble's device), log q as float on the CPU;
+        ``active`` defaults to :meth:`active` (the top-n rule and the gate)."""
+        active = self.active(gen_log_probs, rule.top_n) if active is None else active
+        return kl_combine(gen_log_probs.to(self.device), [g.to(self.device) for g in self.groups],
+                          [o.to(self.device) for o in outputs], solver=rule.solver, max_iter=rule.max_iter,
+                          tol=rule.tol, active=active.to(self.device)).float().cpu()
 
     def log_probs(self, images: np.ndarray, rule: CombineConfig) -> torch.Tensor:
         """[B, K] log q of the ensemble for uint8 images: generalist, active specialists, KL combiner."""

@@ -26,55 +26,72 @@ def _relative(change: float | None) -> str:
 
 
 def _system_name(name: str, main: str) -> str:
+    if name == f"{main}_ungated":
+        return f"KL combiner, generalist's top-{main[6:]} activates, without the gate"
     if name.startswith("kl_top"):
         text = f"KL combiner, generalist's top-{name[6:]} activates"
         return text + " (the ensemble)" if name == main else text
     return SYSTEM_TEXT.get(name, name)
 
 
-def render_markdown(result: CombineResult, split: str = "test") -> str:
+SPLIT_TEXT = {"val": "held-out", "test": "test"}
+
+
+def render_markdown(result: CombineResult) -> str:
+    """Tables 3 and 4 and every system, the held-out split beside the test split (every combine choice
+    is made on the held-out split; the test split only gives the reported numbers)."""
     main = result.ensemble
-    t3 = result.table3(split)
-    evaluation = result.split(split)
-    active = evaluation.active_specialists
+    splits = [s for s in ("val", "test") if s in result.splits]
+    names = [SPLIT_TEXT[s] for s in splits]
+    test = result.split("test")
+    active = test.active_specialists
+    sizes = ", ".join(f"{result.split(s).num_examples} {SPLIT_TEXT[s]}" for s in splits)
     lines = [
         "# Combine: generalist + specialists (paper section 5.4)",
         "",
-        f"{evaluation.num_examples} {split} examples, {result.num_classes} classes, "
+        f"{sizes} examples, {result.num_classes} classes, "
         f"{result.num_specialists} specialists; active = specialists whose group contains one of "
         f"the generalist's top-{result.top_n} classes "
-        f"(mean {active['mean']:.2f} per example, none for "
+        f"(test: mean {active['mean']:.2f} per example, none for "
         f"{_pct(active['none'])}); solver `{result.solver}` "
         f"(mean {active['solver_iterations_mean']:.1f} iterations, "
         f"max {active['solver_iterations_max']}).",
+        *_gate_lines(result),
         "",
         "## Table 3: accuracy",
         "",
-        md_table(["System", "Conditional test accuracy", "Test accuracy"], [
-            ["Generalist", _pct(t3["generalist_conditional_acc"]), _pct(t3["generalist_acc"])],
-            [f"+ {result.num_specialists} specialist models", _pct(t3["ensemble_conditional_acc"]),
-             _pct(t3["ensemble_acc"])],
-        ], align="lrr"),
+        md_table(["System", *(f"Conditional {n} accuracy" for n in names),
+                  *(f"{n.capitalize()} accuracy" for n in names)],
+                 [["Generalist", *(_pct(result.table3(s)["generalist_conditional_acc"]) for s in splits),
+                   *(_pct(result.table3(s)["generalist_acc"]) for s in splits)],
+                  [f"+ {result.num_specialists} specialist models",
+                   *(_pct(result.table3(s)["ensemble_conditional_acc"]) for s in splits),
+                   *(_pct(result.table3(s)["ensemble_acc"]) for s in splits)]],
+                 align="l" + "r" * 2 * len(splits)),
         "",
-        f"Conditional accuracy: the {t3['conditional_examples']} examples whose true class belongs to some "
-        "specialist's group, with predictions restricted to the specialists' classes.",
+        "Conditional accuracy: the examples whose true class belongs to some specialist's group ("
+        + ", ".join(f"{result.split(s).conditional_examples} {SPLIT_TEXT[s]}" for s in splits)
+        + "), with predictions restricted to the specialists' classes.",
         "",
         "## Table 4: by the number of specialists covering the correct class",
         "",
-        md_table(["# specialists covering", "# test examples", "delta in top-1 correct", "relative accuracy change"],
-                 [[row["covering"], row["examples"], f"{row['delta_correct']:+d}", _relative(row["relative_change"])]
-                  for row in evaluation.table4], align="rrrr"),
+        md_table(["# specialists covering", *(f"# {n} examples" for n in names),
+                  *(f"{n} delta in top-1 correct" for n in names), *(f"{n} relative accuracy change" for n in names)],
+                 _table4_rows(result, splits), align="r" * (1 + 3 * len(splits))),
         "",
         "Relative accuracy change: the change in top-1 correct over the generalist's correct count in the row.",
         "",
         "![Table 4](table4.png)",
         "",
+        *_causes_section(result, splits),
         "## Every system on the same predictions",
         "",
-        md_table(["System", "Accuracy", "Top-5", "NLL", "ECE", "Conditional accuracy"],
-                 [[_system_name(name, main), _pct(m["accuracy"]), _pct(m["top5"]), f"{m['nll']:.4f}",
-                   f"{m['ece']:.4f}", _pct(m["conditional_accuracy"])] for name, m in evaluation.systems.items()],
-                 align="lrrrrr"),
+        md_table(["System", *(f"{n.capitalize()} accuracy" for n in names), "Test top-5", "Test NLL", "Test ECE",
+                  "Test conditional accuracy"],
+                 [[_system_name(name, main), *(_pct(result.accuracy(name, s)) for s in splits), _pct(m["top5"]),
+                   f"{m['nll']:.4f}", f"{m['ece']:.4f}", _pct(m["conditional_accuracy"])]
+                  for name, m in test.systems.items()],
+                 align="l" + "r" * (len(splits) + 4)),
         "",
         "The average and the product map each specialist to all K classes by spreading its dustbin "
         "probability over the classes outside its group in proportion to the generalist's "
@@ -83,39 +100,94 @@ def render_markdown(result: CombineResult, split: str = "test") -> str:
         "## Timings",
         "",
     ]
-    timings = evaluation.timings
-    forward = timings.get("forward")
-    if forward:
-        lines.append(f"- forward, generalist: {forward['generalist_s']:.2f} s for {forward['images']} images")
-        lines.append(f"- forward, {forward['num_specialists']} specialists, each on the images where a compared "
-                     f"top-n activates it: {forward['specialists_s']:.2f} s for {forward['specialist_images']} "
-                     "images in all")
-    for key, value in timings.items():
-        if key.startswith("kl_top"):
-            lines.append(f"- combiner, {key[:-2]}: {value:.3f} s")
+    for split in splits:
+        timings = result.split(split).timings
+        forward = timings.get("forward")
+        if forward:
+            lines.append(f"- {SPLIT_TEXT[split]}, forward, generalist: {forward['generalist_s']:.2f} s for "
+                         f"{forward['images']} images")
+            lines.append(f"- {SPLIT_TEXT[split]}, forward, {forward['num_specialists']} specialists, each on the "
+                         f"images where a compared top-n activates it: {forward['specialists_s']:.2f} s for "
+                         f"{forward['specialist_images']} images in all")
+        for key, value in timings.items():
+            if key.startswith("kl_top"):
+                lines.append(f"- {SPLIT_TEXT[split]}, combiner, {key[:-2]}: {value:.3f} s")
     return "\n".join(lines) + "\n"
 
 
-def plot_table4(result: CombineResult, path: Path, split: str = "test") -> None:
+def _gate_lines(result: CombineResult) -> list[str]:
+    if not result.gate:
+        return []
+    g, record = result.gate, result.gate.get("held_out") or {}
+    kept = sum(g["keep"])
+    where = f", only where the generalist's top probability is below {g['threshold']:.3f}" if g["threshold"] < 1 else ""
+    return ["", f"Gate `{g['kind']}` (combine.gate, fitted on the held-out split): {kept} of {len(g['keep'])} "
+            f"specialists consulted{where}. Held-out accuracy: generalist {_pct(record.get('generalist_acc'))}, "
+            f"ungated ensemble {_pct(record.get('ungated_acc'))}, gated {_pct(record.get('gated_acc'))}."]
+
+
+def _causes_section(result: CombineResult, splits: list[str]) -> list[str]:
+    """Table 4's changes taken apart (combine.diagnose): broken vs fixed examples and who caused them."""
+    if not any(result.split(s).table4_causes for s in splits):
+        return []
+    lines = ["## Table 4 taken apart: examples broken and fixed, and by which specialist", "",
+             "*Broken*: the generalist was right, the ensemble is wrong; *fixed*: the reverse. The cause is the "
+             "active specialist that moved the true class's probability most in that direction; its kind says "
+             "whether the true class is a `core` member of its group (k-means), a member the `overlap` step "
+             "added, or outside the group (`dustbin`).", ""]
+    for split in splits:
+        rows = result.split(split).table4_causes
+        if not rows:
+            continue
+        lines += [f"**{SPLIT_TEXT[split]}**", "", md_table(
+            ["# covering", "examples", "broken", "fixed", "broken by core / overlap / dustbin",
+             "fixed by core / overlap / dustbin"],
+            [[r["covering"], r["examples"], r["broken"], r["fixed"],
+              " / ".join(str(r["broken_by"][k]) for k in ("core", "overlap", "dustbin")),
+              " / ".join(str(r["fixed_by"][k]) for k in ("core", "overlap", "dustbin"))] for r in rows],
+            align="rrrrrr"), ""]
+    return lines
+
+
+def _table4_rows(result: CombineResult, splits: list[str]) -> list[list[str]]:
+    by_split = {s: {r["covering"]: r for r in result.split(s).table4} for s in splits}
+    coverings = sorted({c for rows in by_split.values() for c in rows}, key=lambda c: int(c.rstrip("+")))
+    empty = {"examples": 0, "delta_correct": 0, "relative_change": None}
+    rows = []
+    for c in coverings:
+        cells = [by_split[s].get(c, empty) for s in splits]
+        rows.append([c, *(r["examples"] for r in cells), *(f"{r['delta_correct']:+d}" for r in cells),
+                     *(_relative(r["relative_change"]) for r in cells)])
+    return rows
+
+
+def plot_table4(result: CombineResult, path: Path) -> None:
+    """Paper table 4 as bars: the relative change per coverage count, held-out and test side by side."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = result.split(split).table4
-    labels = [r["covering"] for r in rows]
-    rel = [100 * (r["relative_change"] or 0.0) for r in rows]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    bars = ax.bar(labels, rel, color="tab:blue")
-    for bar, r in zip(bars, rows):
-        ax.annotate(f"n={r['examples']}\n{r['delta_correct']:+d}", (bar.get_x() + bar.get_width() / 2,
-                    bar.get_height()), ha="center", va="bottom" if bar.get_height() >= 0 else "top",
-                    fontsize=7)
+    splits = [s for s in ("val", "test") if s in result.splits]
+    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    width = 0.8 / len(splits)
+    for i, (split, color) in enumerate(zip(splits, ("tab:gray", "tab:blue"))):
+        rows = result.split(split).table4
+        x = [j + (i - (len(splits) - 1) / 2) * width for j in range(len(rows))]
+        rel = [100 * (r["relative_change"] or 0.0) for r in rows]
+        bars = ax.bar(x, rel, width, color=color, label=SPLIT_TEXT[split])
+        for bar, r in zip(bars, rows):
+            ax.annotate(f"n={r['examples']}\n{r['delta_correct']:+d}", (bar.get_x() + bar.get_width() / 2,
+                        bar.get_height()), ha="center", va="bottom" if bar.get_height() >= 0 else "top",
+                        fontsize=6)
+    longest = max((result.split(s).table4 for s in splits), key=len)
+    ax.set_xticks(range(len(longest)), [r["covering"] for r in longest])
     ax.axhline(0, color="black", linewidth=0.8)
-    ax.margins(y=0.2)   # room for the labels
+    ax.margins(y=0.25)   # room for the labels
     ax.set_xlabel("number of specialists covering the correct class")
     ax.set_ylabel("relative accuracy change (%)")
     ax.set_title("Table 4: gain of the ensemble over the generalist")
+    ax.legend(fontsize=8)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120)

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from specdistill.artifacts import is_done, mark_done, read_json, write_json, write_npy
+from specdistill.artifacts import read_json, write_json, write_npy
 from specdistill.cli import config_from_args, prepare_run_dir, setup_environment, stage_parser
 from specdistill.config import Config, stage_hash
 from specdistill.data import Dataset, load_data
@@ -26,6 +26,7 @@ from specdistill.data.loading import BatchAugment, train_loader
 from specdistill.engine import evaluate, fit, predict_log_probs, resolve_device
 from specdistill.errors import exit_on_error
 from specdistill.models import build_model, count_flops, save_classifier
+from specdistill.provenance import is_done, mark_done
 from specdistill.rundir import SPLITS, RunDir
 
 
@@ -95,7 +96,7 @@ def _small(value: Any) -> bool:
 
 def run_generalist(cfg: Config, force: bool = False, progress: bool = True) -> dict[str, Any]:
     """The pipeline's stage 1: skipped when it already finished with the same config hash."""
-    prepare_run_dir(cfg)
+    prepare_run_dir(cfg, force)
     run = RunDir.of(cfg)
     out = run.generalist
     digest = stage_hash(cfg, "generalist")

@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import os
-import tempfile
+import re
+import secrets
+import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,44 +26,154 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from specdistill.errors import SpecdistillError
-from specdistill.rundir import RunDir
-
-# bump when the run-directory layout changes incompatibly; 2: combine/eval.json holds per-split
-# results (specdistill.records.CombineResult) and no longer repeats the ensemble's accuracy
-FORMAT_VERSION = 2
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success rename it into place, else remove it.
 
-    A full disk (ENOSPC) becomes a :class:`SpecdistillError` naming the file; the previous
-    version of the file, if any, is left untouched.
+    The temporary file is created with the permissions the umask allows (as ``open`` would), so
+    results and a shared data cache are readable by whoever the umask lets read them. Leftovers of
+    writes killed earlier in the same folder are removed first (:func:`remove_leftovers`). A full
+    disk, a read-only or forbidden folder, or a file where a folder should be becomes one
+    :class:`SpecdistillError` naming the file; the previous version of the file is left untouched.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path = _temp_name(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _clean_once(path.parent)
+        os.close(os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        mode = tmp_path.stat().st_mode & 0o777   # 0o666 less the umask, as open() would make it
+    except OSError as exc:
+        raise write_error(path, exc) from None
     try:
         yield tmp_path
+        if tmp_path.stat().st_mode & 0o777 != mode:   # a writer that made its own file (safetensors: 0o600)
+            tmp_path.chmod(mode)
         os.replace(tmp_path, path)
     except OSError as exc:
         tmp_path.unlink(missing_ok=True)
-        if exc.errno == errno.ENOSPC:
-            raise SpecdistillError(
-                f"disk full while writing {path}; free space and run the same command again "
-                "(finished artifacts are intact)"
-            ) from None
-        raise
+        raise write_error(path, exc) from None
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
 
 
-def write_text(path: str | os.PathLike, text: str) -> None:
+def write_error(path: Path, exc: OSError) -> Exception:
+    """The one line for a write the user can make work (full disk, read-only, a file in the way);
+    any other ``OSError`` is returned as it is (a bug or a broken machine: keep the traceback)."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return SpecdistillError(f"disk full while writing {path}; free space and run the same command again "
+                                "(finished artifacts are intact)")
+    if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return SpecdistillError(f"cannot write {path} ({exc.strerror}); make {path.parent} writable, or choose "
+                                "another place (--run-dir for a run, data.cache_dir for the data cache)")
+    if exc.errno in (errno.ENOTDIR, errno.EEXIST):   # mkdir through, or of, a file
+        blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), path.parent)
+        return SpecdistillError(f"cannot write {path}: {blocker} is a file, not a folder; move it away or "
+                                "choose another place (--run-dir for a run)")
+    if exc.errno == errno.EISDIR:
+        return SpecdistillError(f"cannot write {path}: it is a folder; move it away and run the same command "
+                                "again")
+    return exc
+
+
+def _safetensors_os_error(exc: SafetensorError) -> Exception:
+    """safetensors reports an I/O failure as text ("... (os error 28)"): recover the ``OSError``."""
+    found = re.search(r"os error (\d+)", str(exc))
+    if found is None:
+        return exc
+    code = int(found.group(1))
+    return OSError(code, os.strerror(code))
+
+
+# ---- temporary files that a killed write left behind
+
+# ".<name>.<host>-<pid>-<random>.tmp": who wrote it, so a leftover can be told from a live write
+_HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+_OURS = re.compile(r"^\.(?P<name>.+)\.(?P<host>[0-9a-f]{8})-(?P<pid>\d+)-[0-9a-f]{8}\.tmp$")
+_OLDER = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")   # tempfile.mkstemp's names, before the writer was named
+LEFTOVER_GRACE_S = 10.0    # younger temporary files are never touched: a write may be starting
+LEFTOVER_STALE_S = 3600.0  # unchanged this long, a write of another host (or an unnamed one) is dead
+_CLEANED: dict[Path, float] = {}   # folder -> when this process last cleaned it
+
+
+def _temp_name(path: Path) -> Path:
+    return path.parent / f".{path.name}.{_HOST}-{os.getpid()}-{secrets.token_hex(4)}.tmp"
+
+
+def _clean_once(folder: Path, every_s: float = 60.0) -> None:
+    """Clean a folder at most once a minute per process: a stage writing thousands of files there
+    lists it once, not once a file."""
+    key = folder.absolute()
+    if time.monotonic() - _CLEANED.get(key, -every_s) >= every_s:
+        remove_leftovers(folder)
+        _CLEANED[key] = time.monotonic()
+
+
+def remove_leftovers(folder: str | os.PathLike) -> list[Path]:
+    """Remove the temporary files of :func:`atomic_path` that a killed process left in ``folder``.
+
+    A leftover is one of our temporary names, older than :data:`LEFTOVER_GRACE_S`, whose writer is
+    gone: a process of this host that no longer runs, or, for another host's writer (a shared
+    folder) or an unnamed one, a file unchanged for :data:`LEFTOVER_STALE_S`. A running writer's file
+    on this host is never removed, and another host's only once it stopped changing an hour ago.
+    Returns what was removed.
+    """
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    now = time.time()
+    for entry in entries:
+        if not (entry.name.startswith(".") and entry.name.endswith(".tmp")):
+            continue
+        try:
+            age = now - entry.stat(follow_symlinks=False).st_mtime
+        except OSError:
+            continue
+        if age >= LEFTOVER_GRACE_S and _abandoned(entry.name, age):
+            with contextlib.suppress(OSError):
+                os.unlink(entry.path)
+                removed.append(Path(entry.path))
+    return removed
+
+
+def _abandoned(name: str, age: float) -> bool:
+    ours = _OURS.match(name)
+    if ours is not None:
+        if ours["host"] == _HOST:
+            return not _pid_alive(int(ours["pid"]))
+        return age >= LEFTOVER_STALE_S
+    return _OLDER.match(name) is not None and age >= LEFTOVER_STALE_S
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:   # another user's process
+        return True
+    return True
+
+
+def write_text(path: str | os.PathLike, text: str, *, only_if_changed: bool = False) -> None:
+    """Write ``text``; with ``only_if_changed`` a file that already holds it is left alone (its time
+    stays, and a finished run on read-only storage is not written to)."""
+    if only_if_changed and _holds(Path(path), text):
+        return
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def _holds(path: Path, text: str) -> bool:
+    try:
+        return path.is_file() and path.read_text(encoding="utf-8") == text
+    except (OSError, UnicodeDecodeError):
+        return False
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
@@ -98,7 +212,10 @@ def save_weights(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     meta = {"json": json.dumps(metadata or {}, default=_json_default)}
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=meta)
+        try:
+            save_file(tensors, str(tmp), metadata=meta)
+        except SafetensorError as exc:   # e.g. a full disk: atomic_path turns the OSError into one line
+            raise _safetensors_os_error(exc) from None
 
 
 def load_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -116,6 +233,10 @@ def load_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
         raise SpecdistillError(
             f"checkpoint {path} is corrupt or truncated ({exc}); delete it and run again"
         ) from None
+    for name, tensor in tensors.items():   # a valid file of NaNs would fail later, far from its cause
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise SpecdistillError(f"checkpoint {path} holds NaN or infinite values (tensor {name}); "
+                                   "delete it and run again")
     return tensors, json.loads(meta.get("json", "{}"))
 
 
@@ -129,54 +250,3 @@ def _json_default(obj: Any) -> Any:
     if isinstance(obj, torch.Tensor):
         return obj.tolist()
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
-
-
-# ----------------------------------------------------------------------------------------------
-# Stage completion: <run>/<stage>/done.json holds the hash of the config that produced the stage.
-
-
-def mark_done(run_dir: str | os.PathLike, stage: str, config_hash: str, **extra: Any) -> None:
-    write_json(RunDir.at(run_dir).done(stage),
-               {"stage": stage, "config_hash": config_hash, "format_version": FORMAT_VERSION, **extra})
-
-
-def is_done(run_dir: str | os.PathLike, stage: str, config_hash: str) -> bool:
-    """True when the stage finished with this config hash; a different hash means 'redo'."""
-    marker = RunDir.at(run_dir).done(stage)
-    if not marker.exists():
-        return False
-    try:
-        done = json.loads(marker.read_text(encoding="utf-8"))
-    except json.JSONDecodeError:
-        return False
-    check_format(marker, done)
-    return done.get("config_hash") == config_hash
-
-
-def check_format(marker: Path, done: dict) -> None:
-    """A run directory written by a specdistill with another layout is refused, not misread."""
-    found = done.get("format_version")
-    if found != FORMAT_VERSION:
-        older = found is None or (isinstance(found, int) and found < FORMAT_VERSION)
-        age = "an older" if older else "a newer"
-        raise SpecdistillError(
-            f"{marker} was written by {age} specdistill (run-directory format {found}, this one reads "
-            f"{FORMAT_VERSION}); use a new run directory, or pass --force to redo the stage here"
-        )
-
-
-def require_done(run_dir: str | os.PathLike, stage: str, config_hash: str | None = None) -> dict:
-    """Check an upstream stage finished (and, if given, with this config hash) before reading it."""
-    marker = RunDir.at(run_dir).done(stage)
-    if not marker.exists():
-        raise SpecdistillError(
-            f"stage '{stage}' has not finished in {run_dir}; run it first (specdistill run CONFIG)"
-        )
-    done = read_json(marker)
-    check_format(marker, done)
-    if config_hash is not None and done.get("config_hash") != config_hash:
-        raise SpecdistillError(
-            f"{marker} was produced by a different config; rerun '{stage}' with this config "
-            "(specdistill run CONFIG --from " + stage + ") or use another run directory"
-        )
-    return done

@@ -15,32 +15,41 @@ from pathlib import Path
 from specdistill.artifacts import write_text
 from specdistill.config import Config, config_hash, dump_config, load_config
 from specdistill.errors import SpecdistillError, exit_on_error
+from specdistill.owner import claim
+from specdistill.paths import find_config
 from specdistill.rundir import RunDir
 
 
 def stage_parser(description: str) -> argparse.ArgumentParser:
     """The flags every stage understands: --config, --set KEY=VALUE, --run-dir, --force."""
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--config", "-c", help="experiment YAML (see configs/); defaults if omitted")
+    parser.add_argument("--config", "-c", help="experiment YAML (see configs/): from the current directory, else "
+                        "the project home ($SPECDISTILL_HOME, else this checkout); defaults if omitted")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override any config key, e.g. --set generalist.train.epochs=3 (repeatable)")
-    parser.add_argument("--run-dir", help="run directory (default: runs/<name>)")
+    parser.add_argument("--run-dir", help="run directory; '~' expands, a relative path lies under the project home "
+                        "(default: <home>/runs/<name>)")
     parser.add_argument("--force", action="store_true", help="redo this stage even if it finished")
     return parser
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
+    """The config of ``--config`` (found from any working directory: ``specdistill.paths``) with the
+    overrides; prints the absolute run directory the command will use."""
     overrides = list(args.overrides or [])
     if getattr(args, "run_dir", None):
         overrides.append(f"run_dir={args.run_dir}")
-    return load_config(args.config, overrides)
+    cfg = load_config(find_config(args.config) if args.config else None, overrides)
+    print(f"run directory: {cfg.run_path}", flush=True)
+    return cfg
 
 
-def prepare_run_dir(cfg: Config) -> Path:
-    """Create the run directory and record the resolved config (after overrides) and its hash."""
+def prepare_run_dir(cfg: Config, force: bool = False) -> Path:
+    """Claim the run directory for this process (``specdistill.owner``: a lock, and a refusal of a
+    directory holding other data unless ``force``), then record the resolved config and its hash."""
     run = RunDir.of(cfg)
-    run.root.mkdir(parents=True, exist_ok=True)
-    write_text(run.config, f"# config hash: {config_hash(cfg)}\n" + dump_config(cfg))
+    claim(run, cfg, force)
+    write_text(run.config, f"# config hash: {config_hash(cfg)}\n" + dump_config(cfg), only_if_changed=True)
     return run.root
 
 

@@ -136,6 +136,10 @@ class CombineConfig(_Section):
     tol: float = Field(1e-9, gt=0.0)
     # fit a temperature per model (generalist, each specialist) on held-out data before combining
     calibrate: bool = False
+    # consult a specialist only where held-out data says it helps (combine/gating.py): none, group_gain
+    # (keep the specialists that gain on their held-out examples), confidence (only where the
+    # generalist's top probability is below a held-out-chosen threshold), both
+    gate: Literal["none", "group_gain", "confidence", "both"] = "none"
 
 
 class StudentLossConfig(_Section):
@@ -201,12 +205,17 @@ class Config(_Section):
     @model_validator(mode="after")
     def _check(self) -> Config:
         if self.clustering.size is not None and self.clustering.size < self.clustering.min_size:
-            raise ValueError("clustering.size must be >= clustering.min_size")
+            raise ValueError(f"clustering.size ({self.clustering.size}) is below clustering.min_size "
+                             f"({self.clustering.min_size}); raise clustering.size or lower clustering.min_size")
         return self
 
     @property
     def run_path(self) -> Path:
-        return Path(self.run_dir) if self.run_dir else Path("runs") / self.name
+        """The absolute run directory, the same from any working directory (``specdistill.paths``):
+        ``run_dir`` with ``~`` expanded, relative to the project home; unset, ``<home>/runs/<name>``."""
+        from specdistill.paths import resolve_run_dir
+
+        return resolve_run_dir(self.run_dir, self.name)
 
 
 # Which config sections each stage depends on (its own and everything upstream). A stage's hash
@@ -265,11 +274,7 @@ def parse_overrides(items: list[str] | None) -> dict:
         if "=" not in item:
             raise SpecdistillError(f"--set {item!r}: expected KEY=VALUE, e.g. --set generalist.train.epochs=3")
         key, raw = item.split("=", 1)
-        try:
-            value = yaml.safe_load(raw) if raw != "" else None
-        except yaml.YAMLError:
-            value = raw
-        _set_dotted(tree, key.strip(), value)
+        _set_dotted(tree, key.strip(), _parse_value(raw))
     return tree
 
 
@@ -292,7 +297,10 @@ def _describe(error: dict, model: type[BaseModel]) -> str:
             section = _section_type(field.annotation) if field else None
         allowed = ", ".join(sorted(section.model_fields)) if section else "?"
         return f"unknown key '{loc}'; allowed keys here: {allowed}"
-    return f"'{loc}': {error['msg']} (got {error.get('input')!r})"
+    if not error["loc"]:   # a check across fields (Config._check): its message names them and the fix
+        return str(error["msg"]).removeprefix("Value error, ")
+    got = repr(error.get("input"))
+    return f"'{loc}': {error['msg']} (got {got if len(got) <= 80 else got[:77] + '...'})"
 
 
 def _section_type(annotation: Any) -> Any:
@@ -304,13 +312,87 @@ def _section_type(annotation: Any) -> Any:
     return None
 
 
-def validate_config(tree: dict, source: str = "config") -> Config:
+def validate_config(tree: dict, source: str = "config", origins: dict[str, str] | None = None) -> Config:
+    """Validate a config tree; the one error line names where the bad value came from: ``source``
+    (the file), or ``origins[key]`` for a key set on the command line (``"--set clustering.k=0"``)."""
     try:
         return Config.model_validate(tree)
     except ValidationError as exc:
         first = exc.errors()[0]
         more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-        raise SpecdistillError(f"{source}: {_describe(first, Config)}{more}") from None
+        raise SpecdistillError(f"{_origin(first['loc'], source, origins)}: {_describe(first, Config)}{more}") from None
+
+
+def _origin(loc: tuple, source: str, origins: dict[str, str] | None) -> str:
+    dotted = ".".join(str(p) for p in loc)
+    for key, where in reversed(list((origins or {}).items())):   # the last setting of a key wins
+        if dotted and (dotted == key or dotted.startswith(key + ".") or key.startswith(dotted + ".")):
+            return where
+    return source
+
+
+def apply_flags(cfg: Config, flags: dict[str, tuple[str, Any]]) -> Config:
+    """``cfg`` with a stage's own flags applied, e.g. ``{"clustering.k": ("--k", "0")}`` (values parsed
+    as YAML, like ``--set``); a bad value is blamed on the flag, not on the config file."""
+    tree = cfg.model_dump(mode="json")
+    origins = {}
+    for key, (flag, raw) in flags.items():
+        _set_dotted(tree, key, _parse_value(raw))
+        origins[key] = f"{flag} {raw}"
+    return validate_config(tree, "the command line", origins)
+
+
+def _parse_value(raw: Any) -> Any:
+    if not isinstance(raw, str):
+        return raw
+    try:
+        return yaml.safe_load(raw) if raw != "" else None
+    except yaml.YAMLError:
+        return raw
+
+
+def read_config_file(path: Path) -> dict:
+    """The YAML mapping in ``path``; every way a file can be unusable is one line naming the fix."""
+    if not path.exists():
+        raise SpecdistillError(f"config file {path} not found; see configs/ for examples")
+    if path.is_dir():
+        raise SpecdistillError(f"config {path} is a folder; pass a YAML file, e.g. configs/quickstart.yaml")
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise SpecdistillError(f"cannot read config {path} ({exc.strerror}); check its permissions") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise SpecdistillError(f"{path}, line {line}: not UTF-8 text (byte 0x{data[exc.start]:02x}); "
+                               "save the file as UTF-8") from None
+    try:
+        tree = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise SpecdistillError(f"{path}{_yaml_where(exc)}: not valid YAML: {_yaml_problem(exc)}; "
+                               "fix the YAML there") from None
+    if tree is None:
+        raise SpecdistillError(f"{path} is empty; write the experiment in it (see configs/quickstart.yaml), "
+                               "or give no config to run the defaults")
+    if not isinstance(tree, dict):
+        raise SpecdistillError(f"{path}: expected a mapping of sections at the top level")
+    return tree
+
+
+def _yaml_where(exc: yaml.YAMLError) -> str:
+    mark = getattr(exc, "problem_mark", None)
+    return f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    problem = getattr(exc, "problem", None)
+    if problem is None:
+        return str(exc).splitlines()[0]
+    context, mark = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+    if context and mark is not None:
+        return f"{problem} ({context} that starts at line {mark.line + 1}, column {mark.column + 1})"
+    return f"{problem} ({context})" if context else problem
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
@@ -319,17 +401,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     source = "defaults"
     if path is not None:
         path = Path(path)
-        if not path.exists():
-            raise SpecdistillError(f"config file {path} not found; see configs/ for examples")
-        try:
-            tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as exc:
-            raise SpecdistillError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
-        if not isinstance(tree, dict):
-            raise SpecdistillError(f"{path}: expected a mapping of sections at the top level")
+        tree = read_config_file(path)
         source = str(path)
     tree = _merge(tree, parse_overrides(overrides))
-    return validate_config(tree, source)
+    origins = {item.split("=", 1)[0].strip(): f"--set {item}" for item in overrides or []}
+    return validate_config(tree, source, origins)
 
 
 def dump_config(cfg: Config) -> str:

@@ -17,10 +17,11 @@ from typing import Any
 
 import psutil
 
-from specdistill.artifacts import is_done, read_json, write_json
+from specdistill.artifacts import read_json, write_json
 from specdistill.cli import STAGE_ENTRY_POINTS, config_from_args, prepare_run_dir, setup_environment, stage_parser
 from specdistill.config import STAGES, Config, stage_hash
 from specdistill.errors import SpecdistillError, exit_on_error
+from specdistill.provenance import is_done
 from specdistill.report import print_summary, write_report
 from specdistill.rundir import RunDir
 
@@ -66,9 +67,10 @@ def reset_from(run_dir: Path, first: str) -> None:
 
 def run_pipeline(cfg: Config, start: str | None = None, force: bool = False,
                  stop: str | None = None) -> dict[str, Any]:
-    run = prepare_run_dir(cfg)
-    if force:
+    run = prepare_run_dir(cfg, force)
+    if force:   # start over: the report's pictures of the data are redrawn too
         start = STAGES[0]
+        RunDir.at(run).data_samples.unlink(missing_ok=True)
     if start is not None:
         reset_from(run, start)
     timings_path = RunDir.at(run).timings
@@ -80,9 +82,9 @@ def run_pipeline(cfg: Config, start: str | None = None, force: bool = False,
         fn = getattr(importlib.import_module(module_name), fn_name)
         print(f"\n== {stage} ==", flush=True)
         began = time.perf_counter()
-        was_done = is_done(run, stage, stage_hash(cfg, stage))   # done for another config: it reruns
+        was_done = is_done(run, stage, stage_hash(cfg, stage), quiet=True)   # done for another config: it reruns
         with PeakMemory() as mem:
-            results[stage] = fn(cfg)
+            results[stage] = fn(cfg, force=True) if force else fn(cfg)   # --force: every stage starts over
         if not was_done or stage not in timings:
             timings[stage] = {"seconds": round(time.perf_counter() - began, 1),
                               "peak_rss_mb": round(mem.peak / 2**20)}

@@ -154,6 +154,7 @@ class SplitEvaluation:
     conditional_examples: int            # examples whose true class is in some group
     active_specialists: dict[str, Any]   # mean, none, histogram, solver iterations
     timings: dict[str, Any] = field(default_factory=dict)
+    table4_causes: list[dict[str, Any]] = field(default_factory=list)   # combine.diagnose: broken/fixed by whom
 
 
 @dataclass
@@ -167,6 +168,7 @@ class CombineResult:
     ensemble: str
     splits: dict[str, SplitEvaluation]
     specialist_ids: list[int] = field(default_factory=list)
+    gate: dict[str, Any] | None = None   # combine.gating.Gate, fitted on the held-out split, when configured
 
     def split(self, name: str = "test") -> SplitEvaluation:
         if name not in self.splits:

@@ -88,16 +88,22 @@ def headline(cfg: Config) -> dict[str, Any]:
     gen = _load(run.generalist_meta)
     if gen:
         out["classes"] = gen["num_classes"]
+        out["generalist held-out acc"] = gen["metrics"]["val_acc"]
         out["generalist test acc"] = gen["metrics"]["test_acc"]
     clusters = _clusters(run)
     if clusters:
         out["specialists"] = len(clusters.groups)
     if run.combine_eval.exists():
-        out["ensemble test acc"] = CombineResult.read(run.combine_eval).ensemble_acc("test")
+        combined = CombineResult.read(run.combine_eval)
+        if "val" in combined.splits:
+            out["ensemble held-out acc"] = combined.ensemble_acc("val")
+        out["ensemble test acc"] = combined.ensemble_acc("test")
     st = _load(run.student_eval)
     if st:
-        out["student test acc"] = st["test_acc"]
         student = (st.get("students") or {}).get("student", {})
+        if "val_acc" in student:
+            out["student held-out acc"] = student["val_acc"]
+        out["student test acc"] = st["test_acc"]
         if gen and gen.get("macs") and student.get("macs"):
             out["student compute"] = f"{student['macs'] / gen['macs']:.2f}x the generalist's multiply-adds"
         hard = (st.get("students") or {}).get("hard")

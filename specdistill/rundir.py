@@ -50,6 +50,11 @@ class RunDir:
         return self.root / "config.yaml"
 
     @property
+    def lock(self) -> Path:
+        """Held (flock) by the one process working in the run directory: ``specdistill.owner``."""
+        return self.root / ".lock"
+
+    @property
     def timings(self) -> Path:
         return self.root / "timings.json"
 
@@ -168,6 +173,10 @@ class RunDir:
     @property
     def calibration(self) -> Path:
         return self.combine / "calibration.json"
+
+    @property
+    def gating(self) -> Path:
+        return self.combine / "gating.json"
 
     @property
     def table4_figure(self) -> Path:

@@ -32,16 +32,19 @@ import ray
 import ray.exceptions as rex
 from tqdm.auto import tqdm
 
-from specdistill.artifacts import is_done, load_weights, mark_done, read_json
+from specdistill.artifacts import load_weights, read_json
 from specdistill.cli import config_from_args, prepare_run_dir, setup_environment, stage_parser
 from specdistill.config import Config, stage_hash
 from specdistill.errors import SpecdistillError, exit_on_error
+from specdistill.paths import elsewhere_hint
+from specdistill.provenance import generalist_identity, is_done, mark_done
 from specdistill.records import Clusters, SpecialistInfo
 from specdistill.rundir import RunDir
 from specialists import store
 from specialists.model import as_class_index
 from specialists.ray_cluster import (
     INFEASIBLE_GRACE_S,
+    check_nodes,
     connect_ray,
     feasible,
     require_feasible,
@@ -66,7 +69,8 @@ def load_inputs(cfg: Config, run: RunDir) -> dict[str, Any]:
     """The generalist, the groups and the data, each checked for the problems a user can fix."""
     if not run.generalist_weights.exists():
         raise SpecdistillError(f"missing generalist checkpoint {run.generalist_weights}; train it first "
-                               f"(python -m generalist.train --run-dir {run.root}) or point --run-dir at its run")
+                               f"(python -m generalist.train --run-dir {run.root}) or point --run-dir at its run"
+                               + elsewhere_hint(run.root, "generalist/model.safetensors"))
     tensors, meta = load_weights(run.generalist_weights)
     num_classes = int(meta["num_classes"])
     groups = []
@@ -85,7 +89,7 @@ def load_inputs(cfg: Config, run: RunDir) -> dict[str, Any]:
                 raise SpecdistillError(f"group {group['id']} has no training examples (classes "
                                        f"{group['classes'][:5]}); check data.limit or rerun clustering")
     generalist = {"tensors": {k: v.numpy() for k, v in tensors.items()}, "meta": meta}
-    return {"generalist": generalist, "generalist_sha": store.file_sha256(run.generalist_weights), "groups": groups,
+    return {"generalist": generalist, "generalist_identity": generalist_identity(run.generalist), "groups": groups,
             "data": data}
 
 
@@ -145,12 +149,12 @@ def run_specialists(cfg: Config, force: bool = False, progress: bool = True, add
     ``address`` overrides ``specialists.ray_address``. ``on_written(m, done, total)`` is called
     after each specialist is on disk (tests use it to disturb the cluster mid-run).
     """
-    run = RunDir.at(prepare_run_dir(cfg))
+    run = RunDir.at(prepare_run_dir(cfg, force))
     spec_dir = run.specialists
     inputs = load_inputs(cfg, run)
     groups = inputs["groups"]
-    keys = {g["id"]: store.specialist_key(cfg, inputs["generalist_sha"], g) for g in groups}
-    todo = [g for g in groups if force or not store.is_finished(run, g["id"], keys[g["id"]])]
+    keys = {g["id"]: store.specialist_key(cfg, inputs["generalist_identity"], g) for g in groups}
+    todo = [g for g in groups if force or not store.is_finished(run, g, keys[g["id"]])]
     digest = stage_hash(cfg, STAGE)
     if not todo and is_done(run.root, STAGE, digest):
         done = read_json(run.done(STAGE))
@@ -188,6 +192,7 @@ def _fan_out(cfg: Config, inputs: dict[str, Any], todo: list[dict[str, Any]], ke
              run: RunDir, progress: bool, on_written: Callable[[int, int, int], None] | None) -> dict[str, Any]:
     scfg = cfg.specialists
     resources = task_resources(cfg)
+    check_nodes({"CPU": resources["num_cpus"], "GPU": resources["num_gpus"]})   # before any task waits on them
     device = "cuda" if resources["num_gpus"] > 0 else "cpu"
     threads = max(1, int(resources["num_cpus"]))
     local_fs = same_machine()

@@ -9,18 +9,18 @@ rebuild a specialist from the one file.
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
 import numpy as np
 import torch
 
-from specdistill.artifacts import require_done, save_weights
+from specdistill.artifacts import save_weights
 from specdistill.config import Config, stage_hash
 from specdistill.errors import SpecdistillError
 from specdistill.hashing import digest_file, digest_json
 from specdistill.models import Classifier, load_classifier
+from specdistill.provenance import require_done
 from specdistill.records import SpecialistInfo
 from specdistill.rundir import RunDir
 
@@ -30,23 +30,29 @@ def file_sha256(path: str | os.PathLike) -> str:
     return digest_file(path, length=None)
 
 
-def specialist_key(cfg: Config, generalist_sha: str, group: dict[str, Any]) -> str:
-    """What a finished specialist must match to be reused: config, generalist weights, group."""
+def specialist_key(cfg: Config, generalist_identity: str, group: dict[str, Any]) -> str:
+    """What a finished specialist must match to be reused: config, the generalist (by content, see
+    ``specdistill.provenance``: rewriting identical weights retrains nothing), the group."""
     cfg = cfg.model_copy(deep=True)
     cfg.specialists.load_data_on_workers = False   # where data is read does not change the result
-    return digest_json([stage_hash(cfg, "specialists"), generalist_sha, int(group["id"]),
+    return digest_json([stage_hash(cfg, "specialists"), generalist_identity, int(group["id"]),
                         [int(c) for c in group["classes"]]])
 
 
-def is_finished(run: RunDir, m: int, key: str) -> bool:
+def is_finished(run: RunDir, group: dict[str, Any], key: str) -> bool:
+    """A specialist is finished when its record is readable, was trained for this key and this group's
+    classes, and its weights are the file it names; anything else (deleted, damaged, hand-edited) is
+    trained again."""
+    m = int(group["id"])
     info_file, weights_file = run.specialist_info(m), run.specialist_weights(m)
     if not (info_file.exists() and weights_file.exists()):
         return False
     try:
-        info = json.loads(info_file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError:
+        info = SpecialistInfo.read(info_file)
+    except SpecdistillError:
         return False
-    return info.get("key") == key and info.get("weights_sha256") == file_sha256(weights_file)
+    return (info.key == key and info.classes == list(group["classes"])
+            and info.weights_sha256 == file_sha256(weights_file))
 
 
 def write_specialist(run: RunDir, result: dict[str, Any], key: str) -> SpecialistInfo:

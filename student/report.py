@@ -18,31 +18,35 @@ from specdistill.config import Config
 from specdistill.data import Dataset
 from specdistill.formatting import md_table, percent
 from specdistill.records import CombineResult
-from specdistill.rundir import RunDir
+from specdistill.rundir import SPLITS, RunDir
 from student.cache import TeacherCache, tempered_tail_share
 
 
 def teacher_accuracies(cfg: Config, dataset: Dataset, kinds: set[str]) -> dict[str, dict[str, Any]]:
-    """What the earlier stages measured for each teacher on the test split; nothing is rebuilt or rerun.
+    """What the earlier stages measured for each teacher on the held-out and test splits; nothing is rebuilt.
 
     The generalist's from its meta.json, the ensemble's from combine/eval.json (absent when the
     combine stage has not run), the average of several generalists' from their stored predictions.
     """
     run = RunDir.of(cfg)
+    metrics = read_json(run.generalist_meta)["metrics"]
     teachers: dict[str, dict[str, Any]] = {
-        "generalist": {"test_acc": float(read_json(run.generalist_meta)["metrics"]["test_acc"])}}
+        "generalist": {"val_acc": float(metrics["val_acc"]), "test_acc": float(metrics["test_acc"])}}
     if run.combine_eval.exists():
-        teachers["ensemble"] = {"test_acc": CombineResult.read(run.combine_eval).ensemble_acc("test"),
-                                "source": "combine/eval.json"}
+        combined = CombineResult.read(run.combine_eval)
+        teachers["ensemble"] = {split + "_acc": combined.ensemble_acc(split) for split in combined.splits}
+        teachers["ensemble"]["source"] = "combine/eval.json"
     if "generalists" in kinds:
         from student.teachers import generalist_dir
 
         seeds = sorted(set(cfg.student.teacher_seeds))
-        stacked = torch.stack([torch.as_tensor(read_npy(RunDir.preds_in(generalist_dir(cfg, s), "test")))
-                               for s in seeds])
-        mean = torch.logsumexp(stacked, dim=0)   # the log of the summed (so of the mean) distribution
-        teachers["generalists"] = {"test_acc": float((mean.argmax(1).numpy() == dataset.test.labels).mean()),
-                                   "seeds": seeds}
+        teachers["generalists"] = {"seeds": seeds}
+        for split in SPLITS:
+            stacked = torch.stack([torch.as_tensor(read_npy(RunDir.preds_in(generalist_dir(cfg, s), split)))
+                                   for s in seeds])
+            mean = torch.logsumexp(stacked, dim=0)   # the log of the summed (so of the mean) distribution
+            labels = dataset.split(split).labels
+            teachers["generalists"][f"{split}_acc"] = float((mean.argmax(1).numpy() == labels).mean())
     return teachers
 
 
@@ -82,7 +86,8 @@ def render_report(result: dict[str, Any]) -> str:
     lines = ["# Student: one model distilled from the teachers", ""]
     temperature = result["config"]["loss"]["temperature"]
     teachers = result["teachers"]
-    rows = [[f"**{name}** (teacher)", "", "", "", "", "", percent(t["test_acc"]), ""] for name, t in teachers.items()]
+    rows = [[f"**{name}** (teacher)", "", "", "", "", percent(t.get("val_acc")), percent(t["test_acc"]), ""]
+            for name, t in teachers.items()]
     for name, s in result["students"].items():
         loss = s["loss"]["name"] + ("" if s["loss"]["name"] == "hard" else
                                     f" T={s['loss']['temperature']:g} alpha={s['loss']['alpha']:g}")

@@ -24,12 +24,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from specdistill.artifacts import is_done, mark_done, require_done
 from specdistill.config import Config, stage_hash
 from specdistill.data import Dataset
 from specdistill.engine import predict_logits
 from specdistill.errors import SpecdistillError
 from specdistill.models import load_classifier
+from specdistill.provenance import current_identity, is_done, mark_done, require_done
 from specdistill.rundir import RunDir
 from student.cache import TeacherFn
 
@@ -113,9 +113,10 @@ def generalists_teacher(folders: Sequence[Path], dataset: Dataset, device: torch
 
 def ensemble_teacher(cfg: Config, dataset: Dataset, device: torch.device, batch_size: int = 512) -> TeacherFn:
     """Generalist + every specialist, combined per example: the ensemble the combine stage evaluated
-    (the same :class:`combine.ensemble.Ensemble`, rule and held-out calibration)."""
+    (the same :class:`combine.ensemble.Ensemble`, rule, held-out calibration and gate)."""
     from combine.calibration import Calibration  # earlier stages: allowed, imported lazily
     from combine.ensemble import Ensemble
+    from combine.gating import Gate
 
     run = RunDir.of(cfg)
     require_done(run.root, "combine", stage_hash(cfg, "combine"))
@@ -123,6 +124,8 @@ def ensemble_teacher(cfg: Config, dataset: Dataset, device: torch.device, batch_
     check_class_count(ensemble.num_classes, dataset, "generalist")
     if cfg.combine.calibrate:
         ensemble.calibration = Calibration.read(run.calibration, len(ensemble))
+    if cfg.combine.gate != "none":
+        ensemble.gate = Gate.read(run.gating, len(ensemble))
     return lambda images: ensemble.log_probs(images, cfg.combine)
 
 
@@ -130,16 +133,23 @@ def ensemble_teacher(cfg: Config, dataset: Dataset, device: torch.device, batch_
 
 
 def describe_teacher(cfg: Config, kind: str, data_fingerprint: str) -> dict[str, Any]:
-    """What a teacher's targets depend on (the cache key's input)."""
+    """What a teacher's targets depend on (the cache key's input): the config that made its models
+    and, by content, the models themselves (``specdistill.provenance``), so a generalist or
+    specialist retrained under the same config never reuses targets computed from the old one."""
     if kind not in TEACHERS:
         raise SpecdistillError(f"unknown teacher {kind!r}; choose one of: {', '.join(TEACHERS)}")
-    description: dict[str, Any] = {"teacher": kind, "data": data_fingerprint}
+    run = RunDir.of(cfg)
+    description: dict[str, Any] = {"teacher": kind, "data": data_fingerprint,
+                                   "generalist_identity": current_identity(run, "generalist")}
     if kind == "ensemble":
         description["combine"] = stage_hash(cfg, "combine")
+        description["specialists_identity"] = current_identity(run, "specialists")
+        description["combine_identity"] = current_identity(run, "combine")   # its calibration
     else:
         description["generalist"] = stage_hash(cfg, "generalist")
-    if kind == "generalists":
-        description["seeds"] = sorted(set(cfg.student.teacher_seeds))
+    if kind == "generalists":   # each seed's generalist by content (ensure_generalists has trained them)
+        description["seeds"] = {str(seed): current_identity(run, generalist_dir(cfg, seed).name)
+                                for seed in sorted(set(cfg.student.teacher_seeds))}
     return description
 
 

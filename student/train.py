@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from specdistill.artifacts import is_done, mark_done, read_json, require_done, write_json, write_text
+from specdistill.artifacts import read_json, write_json, write_text
 from specdistill.cli import config_from_args, prepare_run_dir, setup_environment, stage_parser
 from specdistill.config import Config, ModelConfig, StudentLossConfig, stage_hash
 from specdistill.data import Dataset, load_data
@@ -31,11 +31,12 @@ from specdistill.errors import SpecdistillError, exit_on_error
 from specdistill.hashing import digest_json
 from specdistill.kd import Distiller, loss_from_config
 from specdistill.models import Classifier, build_model, count_flops, save_classifier
+from specdistill.provenance import is_done, mark_done, require_done
 from specdistill.records import CombineResult
 from specdistill.rundir import RunDir
 from student.cache import TeacherCache, build_cache, cache_key, data_fingerprint, load_or_build, tempered_tail_share
 from student.report import evaluation, render_report
-from student.teachers import describe_teacher, make_teacher, models_teacher
+from student.teachers import describe_teacher, ensure_generalists, make_teacher, models_teacher
 
 
 @dataclass(frozen=True)
@@ -96,10 +97,11 @@ def train_one(cfg: Config, plan: StudentPlan, dataset: Dataset, teacher: Teacher
     return model, result
 
 
-def _run_folder(plan: StudentPlan, teacher_key: str, cfg: Config) -> str:
-    """Checkpoint folder name: a different student config never resumes another one's checkpoint."""
+def _run_folder(plan: StudentPlan, teacher_key: str, cfg: Config, data_fingerprint: str) -> str:
+    """Checkpoint folder name, keyed by everything that determines the student: its model, loss and
+    schedule, its teacher's targets, the training images (by content) and how they are augmented."""
     key = digest_json([plan.model.model_dump(), plan.loss.model_dump(), cfg.student.train.model_dump(),
-                       teacher_key, cfg.seed])
+                       teacher_key, cfg.seed, data_fingerprint, cfg.data.augment])
     return f"{plan.name}-{key}"
 
 
@@ -118,7 +120,7 @@ def run_student(cfg: Config, force: bool = False, progress: bool = True,
 
     Steps: plan the students, train each (building the teacher caches it needs), record.
     """
-    run = RunDir.at(prepare_run_dir(cfg))
+    run = RunDir.at(prepare_run_dir(cfg, force))
     digest = stage_hash(cfg, "student")
     if not force and is_done(run.root, "student", digest):
         result = read_json(run.student_eval)
@@ -171,6 +173,8 @@ class TeacherCaches:
         if kind not in self.caches:
             cfg, dataset = self.cfg, self.dataset
             began = time.perf_counter()
+            if kind == "generalists":   # trained first, so the cache key can name them by content
+                ensure_generalists(cfg, dataset, cfg.student.teacher_seeds, self.progress)
             self.caches[kind] = load_or_build(
                 self.run.teacher_cache(kind), describe_teacher(cfg, kind, self.fingerprint),
                 lambda: make_teacher(cfg, kind, dataset, self.device, self.progress), dataset.train.images,
@@ -204,7 +208,7 @@ def train_and_save(cfg: Config, run: RunDir, plan: StudentPlan, dataset: Dataset
     """Train one planned student (resuming its checkpoint), evaluate it, save its weights; its eval row."""
     teacher = None if plan.teacher is None else teachers.get(plan.teacher)
     key = teacher.key if teacher is not None else "labels"
-    folder = _run_folder(plan, key, cfg)
+    folder = _run_folder(plan, key, cfg, teachers.fingerprint)
     model, result = train_one(cfg, plan, dataset, teacher, run.student_checkpoints(folder), teachers.device,
                               progress)
     val = evaluate(model, dataset.val, cfg.student.train.eval_batch_size, teachers.device)

@@ -15,8 +15,9 @@ from clustering.cluster import cluster_classes
 from clustering.matrices import MATRIX_KINDS, PredictionMatrix
 from clustering.overlap import coverage, drop_small, groups_from_labels
 from clustering.predictions import check_dense, check_sparse
-from specdistill.artifacts import mark_done, write_json, write_npy
+from specdistill.artifacts import write_json, write_npy
 from specdistill.config import Config, stage_hash
+from specdistill.provenance import mark_done
 from testkit.synthetic_predictions import make_synthetic_predictions
 
 

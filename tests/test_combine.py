@@ -409,11 +409,12 @@ def test_evaluate_predictions_tables_add_up():
 def test_run_combine_writes_the_run_directory(tmp_path, monkeypatch):
     from combine.evaluate import main, run_combine
     from specdistill import data as data_module
-    from specdistill.artifacts import mark_done, read_npy
+    from specdistill.artifacts import read_npy
     from specdistill.config import Config, ModelConfig, stage_hash
     from specdistill.data import Dataset, Split
     from specdistill.engine import predict_log_probs
     from specdistill.models import build_model, save_classifier
+    from specdistill.provenance import mark_done
     from specialists.dustbin import specialist_log_probs
 
     K, size = 6, 8
@@ -442,7 +443,7 @@ def test_run_combine_writes_the_run_directory(tmp_path, monkeypatch):
 
     result = run_combine(cfg)
     out = run / "combine"
-    for name in ("eval.json", "report.md", "table4.png", "preds-test.npy", "done.json"):
+    for name in ("eval.json", "report.md", "table4.png", "preds-val.npy", "preds-test.npy", "done.json"):
         assert (out / name).exists(), name
     preds = torch.as_tensor(read_npy(out / "preds-test.npy"))
     gen_lp = torch.as_tensor(predict_log_probs(generalist.eval(), test.images))
@@ -450,7 +451,9 @@ def test_run_combine_writes_the_run_directory(tmp_path, monkeypatch):
     expected = kl_combine(gen_lp, [torch.tensor(g) for g in groups], spec_lp)
     assert torch.allclose(preds, expected, atol=1e-5)
     assert result.split("test").num_examples == 40 and result.num_specialists == 2
-    assert "Table 4" in (out / "report.md").read_text()
+    assert set(result.splits) == {"val", "test"}   # held-out beside test: every combine choice is made on val
+    report = (out / "report.md").read_text()
+    assert "Table 4" in report and "Held-out accuracy" in report and "Test accuracy" in report
 
     stamp = (out / "eval.json").stat().st_mtime_ns
     assert run_combine(cfg).table3() == result.table3()        # done: read back, not redone
@@ -475,6 +478,13 @@ def test_run_combine_writes_the_run_directory(tmp_path, monkeypatch):
     expected = kl_combine(apply_temperature(gen_lp, cal["generalist"]), [torch.tensor(g) for g in groups],
                           [apply_temperature(lp, t) for lp, t in zip(spec_lp, cal["specialists"])])
     assert torch.allclose(torch.as_tensor(read_npy(out / "preds-test.npy")), expected, atol=1e-5)
+    # gated: the gate is fitted on the held-out split, recorded, applied to test; off again, it is removed
+    main(["--run-dir", str(run), "--force", "--set", "combine.gate=both"])
+    gated = CombineResult.read(out / "eval.json")
+    assert gated.gate["kind"] == "both" and (out / "gating.json").exists()
+    assert "kl_top1_ungated" in gated.split("test").systems and "Gate `both`" in (out / "report.md").read_text()
+    main(["--run-dir", str(run), "--force"])
+    assert not (out / "gating.json").exists() and CombineResult.read(out / "eval.json").gate is None
 
 
 def test_temperature_fit_recovers_a_planted_temperature():
@@ -486,3 +496,63 @@ def test_temperature_fit_recovers_a_planted_temperature():
     assert fit_temperature(torch.log_softmax(logits * 3, 1), labels) == pytest.approx(3.0, rel=0.06)
     assert fit_temperature(torch.log_softmax(logits / 2, 1), labels) == pytest.approx(0.5, rel=0.06)
     assert fit_temperature(torch.zeros(0, 3), []) == 1.0
+
+
+def test_table4_causes_names_who_broke_and_who_fixed_by_hand():
+    from combine.diagnose import table4_causes
+
+    # 4 classes; specialist 0 holds classes [0, 1] (core 0, overlap-added 1), specialist 1 holds [2, 3]
+    groups = [torch.tensor([0, 1]), torch.tensor([2, 3])]
+    gen = torch.log(torch.tensor([[0.5, 0.3, 0.1, 0.1],     # label 0: right -> broken by spec 0 (core)
+                                  [0.3, 0.5, 0.1, 0.1],     # label 0: wrong -> fixed by spec 0 (core)
+                                  [0.1, 0.5, 0.3, 0.1],     # label 2: wrong -> fixed by spec 1 (core)
+                                  [0.5, 0.2, 0.2, 0.1]]))   # label 1: wrong, unchanged
+    combined = torch.log(torch.tensor([[0.3, 0.5, 0.1, 0.1], [0.6, 0.2, 0.1, 0.1],
+                                       [0.1, 0.3, 0.5, 0.1], [0.5, 0.2, 0.2, 0.1]]))
+    labels = torch.tensor([0, 0, 2, 1])
+    spec0 = torch.log(torch.tensor([[0.1, 0.8, 0.1], [0.8, 0.1, 0.1], [0.3, 0.3, 0.4], [0.5, 0.3, 0.2]]))
+    spec1 = torch.log(torch.tensor([[0.1, 0.1, 0.8], [0.1, 0.1, 0.8], [0.9, 0.05, 0.05], [0.1, 0.1, 0.8]]))
+    active = torch.tensor([[True, False], [True, False], [True, True], [True, False]])
+    covering = torch.tensor([1, 1, 1, 1])
+    rows = table4_causes(gen, combined, labels, groups, [spec0, spec1], active, covering, num_core=[1, 2])
+    assert [r["covering"] for r in rows] == ["0", "1"] and rows[1]["examples"] == 4
+    row = rows[1]
+    assert (row["broken"], row["fixed"]) == (1, 2)
+    assert row["broken_by"] == {"core": 1, "overlap": 0, "dustbin": 0, "none active": 0}
+    # example 2: spec 0 sees label 2 through its dustbin (0.4 vs the generalist's 0.4: no push), spec 1
+    # raises class 2 from the generalist's 0.3 to 0.9: the fix is spec 1's, a core member
+    assert row["fixed_by"] == {"core": 2, "overlap": 0, "dustbin": 0, "none active": 0}
+    # the same break with class 0 outside spec 0's core: counted as an overlap member
+    rows = table4_causes(gen, combined, labels, groups, [spec0, spec1], active, covering, num_core=[0, 2])
+    assert rows[1]["broken_by"]["overlap"] == 1
+
+
+def test_group_gain_gate_closes_a_specialist_that_hurts_on_held_out_data():
+    from combine.gating import Gate, fit_gate
+
+    gen, groups, specs, labels = informative_ensemble()
+    rule = CombineConfig(top_n=1)
+    liar = torch.log_softmax(-specs[0].double(), dim=1).float()     # specialist 0 now says the opposite
+    outputs = [liar, *specs[1:]]
+    gate = fit_gate("group_gain", gen, groups, outputs, labels, rule, progress=lambda line: None)
+    assert gate.keep[0] is False and all(gate.keep[1:])
+    assert gate.held_out["gated_acc"] > gate.held_out["ungated_acc"]
+    result, _ = evaluate_split(gen, groups, outputs, labels, rule, gate=gate)
+    assert result.systems["kl_top1"]["accuracy"] == pytest.approx(gate.held_out["gated_acc"])
+    assert result.systems["kl_top1_ungated"]["accuracy"] == pytest.approx(gate.held_out["ungated_acc"])
+    # closed specialists and confident examples never activate
+    gate = Gate("confidence", [True] * len(groups), threshold=0.0)
+    assert not gate.apply(active_specialists(gen, groups, 1), gen).any()
+
+
+def test_confidence_gate_is_chosen_on_held_out_data_and_read_back(tmp_path):
+    from combine.gating import Gate, fit_gate
+
+    gen, groups, specs, labels = informative_ensemble()
+    gate = fit_gate("confidence", gen, groups, specs, labels, CombineConfig(top_n=1), progress=lambda line: None)
+    scores = gate.held_out["threshold_candidates"]
+    assert gate.held_out["gated_acc"] == max(scores.values()) >= gate.held_out["generalist_acc"]
+    gate.write(tmp_path / "gating.json")
+    assert Gate.read(tmp_path / "gating.json", len(groups)) == gate
+    with pytest.raises(SpecdistillError, match="gates .* specialists but the run has"):
+        Gate.read(tmp_path / "gating.json", len(groups) + 1)

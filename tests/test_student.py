@@ -9,7 +9,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from specdistill.artifacts import mark_done, read_json
+from specdistill.artifacts import read_json
 from specdistill.config import Config, ModelConfig, StudentLossConfig, TrainConfig, load_config, stage_hash
 from specdistill.data import Dataset, Split
 from specdistill.data.loading import train_loader
@@ -17,6 +17,7 @@ from specdistill.engine import evaluate, fit
 from specdistill.errors import SpecdistillError
 from specdistill.kd import Distiller, build_loss
 from specdistill.models import build_model
+from specdistill.provenance import mark_done
 from specdistill.records import CombineResult, SpecialistInfo, SplitEvaluation
 from specdistill.rundir import RunDir
 from student.cache import TeacherCache, build_cache, cache_key, compress, load_cache, load_or_build
@@ -182,7 +183,7 @@ def test_plans_dedupe_baselines_and_chain_the_assistant(tmp_path):
     # the hard-label baseline ignores the temperature: a new T reuses its run, but not the student's
     cfg_t1 = _cfg(tmp_path, teacher="ensemble", baselines=["hard"], loss={"temperature": 1.0})
     cfg_t4 = _cfg(tmp_path, teacher="ensemble", baselines=["hard"], loss={"temperature": 4.0})
-    folders = [[_run_folder(p, "k", c) for p in plan_students(c)] for c in (cfg_t1, cfg_t4)]
+    folders = [[_run_folder(p, "k", c, "data") for p in plan_students(c)] for c in (cfg_t1, cfg_t4)]
     assert folders[0][1] == folders[1][1] and folders[0][0] != folders[1][0]
     assert plan_students(cfg_t1)[1] == plan_students(cfg_t4)[1]     # so its checkpoint resumes too
     hard = plan_students(_cfg(tmp_path, loss={"name": "hard"}))

@@ -98,6 +98,39 @@ def _scan(directory: Path, classes: list[str]) -> tuple[list[str], np.ndarray]:
     return [path for path, _ in folder.samples], np.array([label for _, label in folder.samples], np.int64)
 
 
+# in the imagefolder cache key: 2 = high-bit-depth images scaled by their depth (1 clipped them);
+# a source's own version, so other sources' caches stay valid
+DECODER_VERSION = 2
+
+
+def to_rgb(image):
+    """Any PIL image as 8-bit RGB, scaled by its bit depth.
+
+    ``convert("RGB")`` clips 16- and 32-bit values to 0..255, so a 16-bit photo or scan turns almost
+    white; here a sample's full scale maps to 255: 65535 for 16-bit images (and the 32-bit ``I`` mode
+    that PNG and PNM decode into), the BitsPerSample range a TIFF declares, and 1.0 for floats.
+    """
+    from PIL import Image
+
+    if image.mode not in ("I", "F") and not image.mode.startswith("I;16"):
+        return image.convert("RGB")
+    values = np.asarray(image, dtype=np.float64)
+    scaled = np.clip(np.round(values * (255.0 / _full_scale(image))), 0, 255).astype(np.uint8)
+    return Image.fromarray(scaled, "L").convert("RGB")
+
+
+def _full_scale(image) -> float:
+    """The value of a fully bright sample of a one-channel high-bit-depth image."""
+    if image.mode == "F":
+        return 1.0
+    tags = getattr(image, "tag_v2", None)   # TIFF: BitsPerSample (258), SampleFormat (339; 2 = signed)
+    if image.mode == "I" and tags is not None:
+        bits, sample_format = (v[0] if isinstance(v, tuple) else v for v in (tags.get(258), tags.get(339)))
+        if bits:
+            return float(2 ** (int(bits) - 1) - 1 if sample_format == 2 else 2 ** int(bits) - 1)
+    return 65535.0
+
+
 def _decode(paths: list[str], size: int, desc: str) -> np.ndarray:
     """Decode, resize and centre-crop every image to uint8 [N, size, size, 3], naming any bad file."""
     from PIL import Image
@@ -109,7 +142,7 @@ def _decode(paths: list[str], size: int, desc: str) -> np.ndarray:
     def load(path: str) -> np.ndarray:
         try:
             with Image.open(path) as image:
-                return np.asarray(shape(image.convert("RGB")), dtype=np.uint8)
+                return np.asarray(shape(to_rgb(image)), dtype=np.uint8)
         except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError
             raise SpecdistillError(f"cannot read image {path} ({type(exc).__name__}: {exc}); "
                                    "replace or delete the file") from None
@@ -126,7 +159,12 @@ def _fingerprint(root: Path) -> list[int]:
     count = size = newest = 0
     for folder, _, files in os.walk(root):
         for name in files:
-            stat = os.stat(os.path.join(folder, name))
+            path = os.path.join(folder, name)
+            try:
+                stat = os.stat(path)
+            except OSError as exc:
+                what = f"a broken link (to {os.readlink(path)})" if os.path.islink(path) else "unreadable"
+                raise SpecdistillError(f"image file {path} is {what}: {exc.strerror}; restore or delete it") from None
             count, size, newest = count + 1, size + stat.st_size, max(newest, int(stat.st_mtime))
     return [count, size, newest]
 
@@ -141,6 +179,11 @@ def build_imagefolder(cfg: DataConfig, root: Path) -> Dataset:
     layout_dirs = {name: root / name for name in ("train", "val", "test") if (root / name).is_dir()}
     train_dir = layout_dirs.get("train", root)
     classes = _class_list(train_dir, cfg.classes)
+    if len(classes) < 2:   # before anything is decoded or trained
+        subset = " (after data.classes)" if cfg.classes is not None else ""
+        raise SpecdistillError(f"{train_dir} has {len(classes)} class folder{'s' * (len(classes) != 1)}{subset}: "
+                               f"{', '.join(classes) or 'none'}; a classifier needs at least two, one folder of "
+                               "images per class")
     train = _scan(train_dir, classes)
     if "train" not in layout_dirs:
         layout = "single folder: val and test carved from it"
@@ -181,7 +224,8 @@ def load_imagefolder(cfg: DataConfig, seed: int = 0) -> Dataset:
         raise SpecdistillError(f"image folder {root} does not exist; set data.root to a folder of class "
                                "folders (root/<class>/*.jpg or root/train/<class>/*.jpg)")
     options = {"source": "imagefolder", "root": str(root), "classes": cfg.classes, "image_size": cfg.image_size,
-               "val_fraction": cfg.val_fraction, "data_seed": cfg.data_seed, "files": _fingerprint(root)}
+               "val_fraction": cfg.val_fraction, "data_seed": cfg.data_seed, "files": _fingerprint(root),
+               "decoder": DECODER_VERSION}
     return load_or_build(cfg, "imagefolder", options, lambda: build_imagefolder(cfg, root))
 
 
