@@ -203,11 +203,14 @@ def check_format(marker: Path, done: dict) -> None:
 
 def require_done(run_dir: str | os.PathLike, stage: str, config_hash: str | None = None) -> dict:
     """Check an upstream stage finished (and, if given, with this config hash) before reading it."""
-    marker = RunDir.at(run_dir).done(stage)
-    if not marker.exists():
-        raise SpecdistillError(
-            f"stage '{stage}' has not finished in {Path(run_dir).resolve()}; run it first (specdistill run CONFIG)"
-        )
+    run = RunDir.at(run_dir)
+    marker = run.done(stage)
+    if not marker.exists():   # say where an earlier run of the stage did write, if it can be found
+        from specdistill.paths import elsewhere_hint
+
+        hint = elsewhere_hint(run.root.resolve(), marker.relative_to(run.root))
+        raise SpecdistillError(f"stage '{stage}' has not finished in {run.root.resolve()} (no {marker}); run it "
+                               f"first (specdistill run CONFIG){hint}")
     done = read_json(marker)
     check_format(marker, done)
     if config_hash is not None and done.get("config_hash") != config_hash:
