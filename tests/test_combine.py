@@ -483,6 +483,11 @@ def test_run_combine_writes_the_run_directory(tmp_path, monkeypatch):
     gated = CombineResult.read(out / "eval.json")
     assert gated.gate["kind"] == "both" and (out / "gating.json").exists()
     assert "kl_top1_ungated" in gated.split("test").systems and "Gate `both`" in (out / "report.md").read_text()
+    # the student's ensemble teacher is the same gated ensemble: its targets are combine's predictions
+    from student.teachers import ensemble_teacher
+
+    teacher = ensemble_teacher(Config(run_dir=str(run), combine={"gate": "both"}), dataset, torch.device("cpu"))
+    assert torch.allclose(teacher(test.images), torch.as_tensor(read_npy(out / "preds-test.npy")), atol=1e-5)
     main(["--run-dir", str(run), "--force"])
     assert not (out / "gating.json").exists() and CombineResult.read(out / "eval.json").gate is None
 
