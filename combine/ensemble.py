@@ -48,9 +48,9 @@ class Ensemble:
         self.gate = Gate.open(len(self.specialists))   # which specialists speak where (combine.gating)
 
     @classmethod
-    def load(cls, run: RunDir, device: torch.device | str = "cpu", batch_size: int = 512,
-             calibration: Calibration | None = None) -> Ensemble:
-        """The finished generalist and specialists of ``run``, checked against each other."""
+    def load(cls, run: RunDir, device: torch.device | str = "cpu", batch_size: int = 512) -> Ensemble:
+        """The finished generalist and specialists of ``run``, checked against each other; the caller
+        sets :attr:`calibration` and :attr:`gate` (each record checks its own specialist count)."""
         generalist, meta = load_classifier(run.generalist_weights, device)
         num_classes = int(meta["num_classes"])
         loaded = load_specialists(run, device, num_classes)
@@ -66,11 +66,7 @@ class Ensemble:
                         "that does not match its group is trained again")
             num_core = [clusters[i.id].num_core if clusters[i.id].num_core is not None else len(i.classes)
                         for i in infos]
-        if calibration is not None and len(calibration.specialists) != len(models):
-            raise SpecdistillError(f"the calibration holds {len(calibration.specialists)} specialist temperatures "
-                                   f"for {len(models)} specialists; rerun the combine stage "
-                                   "(specdistill run CONFIG --from combine)")
-        ensemble = cls(generalist, num_classes, models, infos, device, batch_size, calibration)
+        ensemble = cls(generalist, num_classes, models, infos, device, batch_size)
         ensemble.num_core = num_core
         return ensemble
 

@@ -48,19 +48,37 @@ class Unreadable(Exception):
 # ---------------------------------------------------------------------------------------------- identities
 
 
+# Every stage's check recomputes its inputs' identities, so one pipeline run would hash the same
+# weights and predictions several times: remember each file's digest while its bytes cannot have
+# changed (artifacts are replaced by rename, which gives a new inode and modification time).
+_DIGESTS: dict[tuple, str] = {}
+
+
+def _remembered(path: Path, kind: str, compute) -> str:
+    stat = path.stat()
+    key = (str(path.resolve()), kind, stat.st_ino, stat.st_mtime_ns, stat.st_size)
+    if key not in _DIGESTS:
+        _DIGESTS[key] = compute()
+    return _DIGESTS[key]
+
+
 def _tensors_digest(path: Path) -> str:
     if not path.exists():
         raise Unreadable(f"{path} is missing")
-    try:
-        tensors, _ = load_weights(path)
-    except SpecdistillError as exc:
-        raise Unreadable(str(exc)) from None
-    names = sorted(tensors)
-    return digest_json([names, digest_arrays(*(tensors[name].numpy() for name in names))])
+
+    def compute() -> str:
+        try:
+            tensors, _ = load_weights(path)
+        except SpecdistillError as exc:
+            raise Unreadable(str(exc)) from None
+        names = sorted(tensors)
+        return digest_json([names, digest_arrays(*(tensors[name].numpy() for name in names))])
+
+    return _remembered(path, "tensors", compute)
 
 
 def _optional_file(path: Path) -> str | None:
-    return digest_file(path) if path.exists() else None
+    return _remembered(path, "bytes", lambda: digest_file(path)) if path.exists() else None
 
 
 def generalist_identity(folder: Path) -> str:
