@@ -7,12 +7,14 @@ export RAY_USAGE_STATS_ENABLED = 0
 # the driver) spinning made small torch ops up to 40x slower here
 export OMP_WAIT_POLICY ?= PASSIVE
 STAMP := .setup.stamp
+# faiss build: cpu, or gpu on a CUDA machine (pip uninstall faiss-cpu first): make demo EXTRAS=gpu,dev
+EXTRAS ?= cpu,dev
 
 .PHONY: setup demo test cluster-test lint bench clean
 
 $(STAMP): pyproject.toml scripts/install-system-deps.sh
 	bash scripts/install-system-deps.sh
-	$(PYTHON) -m pip install --quiet --disable-pip-version-check -e ".[dev]"
+	$(PYTHON) -m pip install --quiet --disable-pip-version-check -e ".[$(EXTRAS)]"
 	$(PYTHON) -c "import torch, torchvision; torchvision.ops.nms(torch.zeros(1, 4), torch.zeros(1), 0.5)" \
 	  || { echo "error: torch $$($(PYTHON) -c 'import torch; print(torch.__version__)') cannot load torchvision; reinstall the pinned pair: pip install --force-reinstall torch==2.14.1 torchvision==0.29.1"; exit 1; }
 	touch $(STAMP)

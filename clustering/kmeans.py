@@ -1,12 +1,16 @@
 """k-means backends behind one registry: scikit-learn's KMeans and MiniBatchKMeans, and faiss.
 
 MiniBatchKMeans is the paper's "on-line version of k-means"; faiss is the fast one at scale and uses
-the GPU when the installed faiss has GPUs. Every backend is deterministic for a seed: the same
-points, k and seed give the same labels.
+the GPU when the installed faiss has GPUs (``pip install 'specdistill[gpu]'`` brings faiss-gpu).
+Where faiss cannot do what was asked (not installed; CPU-only faiss on a machine with a GPU) one
+line says so and names the install that fixes it. Every backend is deterministic for a seed: the
+same points, k and seed give the same labels.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -36,14 +40,28 @@ def run_kmeans(points: np.ndarray, k: int, *, backend: str = "faiss", seed: int 
         raise SpecdistillError(f"k={k} must be between 1 and the number of classes ({len(points)}); "
                                "choose a smaller --k")
     points = np.ascontiguousarray(points, dtype=np.float32)
+    if backend == "faiss" and not faiss_installed():
+        print("clustering: faiss is not installed, so k-means runs with scikit-learn (same groups, slower at "
+              "large K); pip install 'specdistill[cpu]' (or '[gpu]' on a CUDA machine) for faiss", file=sys.stderr)
+        backend = "sklearn"
     backend_fn = KMEANS_BACKENDS.get(backend)
     # a small problem on one thread: each of the hundreds of Lloyd steps would otherwise wait for
     # the other cores (seconds, not milliseconds, on a busy shared machine)
     small = points.size * k < SMALL_PROBLEM
-    with threadpool_limits(1 if small else None), faiss_threads(1 if small else None):
+    with threadpool_limits(1 if small else None), faiss_threads(1 if small and backend == "faiss" else None):
         result = backend_fn(points, k, seed, n_init, max_iter)
     result.labels = np.asarray(result.labels, dtype=np.int64)
     return result
+
+
+def faiss_installed() -> bool:
+    return importlib.util.find_spec("faiss") is not None
+
+
+def _cuda_visible() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 @KMEANS_BACKENDS.register("sklearn")
@@ -75,6 +93,9 @@ def _faiss(points: np.ndarray, k: int, seed: int, n_init: int, max_iter: int) ->
     from sklearn.cluster import kmeans_plusplus
 
     use_gpu = faiss.get_num_gpus() > 0
+    if not use_gpu and _cuda_visible():
+        print("clustering: this faiss has no GPU support, so k-means runs on the CPU; for the GPU index: "
+              "pip uninstall faiss-cpu && pip install 'specdistill[gpu]'", file=sys.stderr)
     best: KMeansResult | None = None
     for restart in range(n_init):
         # faiss starts from random points; k-means++ seeds (scikit-learn's) reach the same quality

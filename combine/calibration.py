@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from specdistill.artifacts import read_json, write_json
+from specdistill.data import take
 from specdistill.errors import SpecdistillError
 
 if TYPE_CHECKING:
@@ -85,7 +86,7 @@ def fit_calibration(ensemble: Ensemble, val_gen_log_probs: torch.Tensor, val_ima
         taus = []
         for m, group in enumerate(ensemble.groups):
             hit = active[:, m].numpy()
-            taus.append(fit_temperature(ensemble.specialist_log_probs(m, val_images[hit]),
+            taus.append(fit_temperature(ensemble.specialist_log_probs(m, take(val_images, hit)),
                                         fold_labels(val_labels[hit], group.numpy())) if hit.any() else 1.0)
         return Calibration(fit_temperature(val_gen_log_probs, val_labels), taus, "val")
     finally:

@@ -21,6 +21,7 @@ from combine.calibration import Calibration, apply_temperature
 from combine.gating import Gate
 from combine.kl import kl_combine
 from specdistill.config import CombineConfig
+from specdistill.data import take
 from specdistill.engine import predict_logits
 from specdistill.errors import SpecdistillError
 from specdistill.models import load_classifier
@@ -96,7 +97,7 @@ class Ensemble:
             out = torch.zeros(len(images), len(group) + 1)
             rows = active[:, m].cpu().numpy()
             if rows.any():
-                out[torch.as_tensor(rows)] = self.specialist_log_probs(m, images[rows])
+                out[torch.as_tensor(rows)] = self.specialist_log_probs(m, take(images, rows))
             outputs.append(out)
         return outputs
 

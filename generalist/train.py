@@ -1,4 +1,5 @@
-"""Stage 1: train the generalist and write what the later stages read.
+"""Stage 1: train the generalist (or import one: ``generalist/importing.py``) and write what the
+later stages read.
 
     python -m generalist.train --config configs/quickstart.yaml [--set generalist.train.epochs=3]
 
@@ -18,14 +19,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from generalist.importing import import_generalist, imports, weights_digest
 from specdistill.artifacts import read_json, write_json, write_npy
 from specdistill.cli import config_from_args, prepare_run_dir, setup_environment, stage_parser
-from specdistill.config import Config, stage_hash
+from specdistill.config import Config, ModelConfig, stage_hash
 from specdistill.data import Dataset, load_data
-from specdistill.data.loading import BatchAugment, train_loader
+from specdistill.data.loading import training_batches
 from specdistill.engine import evaluate, fit, predict_log_probs, resolve_device
 from specdistill.errors import exit_on_error
-from specdistill.models import build_model, count_flops, save_classifier
+from specdistill.models import Classifier, build_model, count_flops, save_classifier
 from specdistill.provenance import is_done, mark_done
 from specdistill.rundir import SPLITS, RunDir
 
@@ -56,33 +58,43 @@ def train_generalist(cfg: Config, out_dir: str | Path, seed: int | None = None,
     torch.manual_seed(seed)
     gcfg = cfg.generalist
     model = build_model(gcfg.model, dataset.num_classes, dataset.channels, dataset.image_size)
-    loader = train_loader(dataset.train, gcfg.train.batch_size, seed)
-    augment = BatchAugment() if cfg.data.augment else None
+    loader, augment = training_batches(dataset.train, cfg.data, gcfg.train.batch_size, seed, device=device)
     started = time.perf_counter()
     result = fit(model, loader, dataset.val, gcfg.train, out, seed=seed, desc=f"generalist(seed {seed})",
                  device=device, augment=augment, progress=progress,
                  fingerprint=f"{dataset.name}:{dataset.num_classes}:{len(dataset.train)}")
-    val = evaluate(model, dataset.val, gcfg.train.eval_batch_size, device)
-    test = evaluate(model, dataset.test, gcfg.train.eval_batch_size, device)
+    extra = {"seed": seed, "metrics": {
+        "best_epoch": result["best_epoch"], "epochs_run": result["epochs_run"],
+        "stopped_early": result["stopped_early"], "train_seconds": result["train_seconds"],
+        "images_per_s": result["images_per_s"]}}
+    return write_generalist(cfg, out, model, dataset, device, gcfg.model, extra, started)
+
+
+def write_generalist(cfg: Config, out: Path, model: Classifier, dataset: Dataset, device: torch.device,
+                     model_cfg: ModelConfig, extra: dict[str, Any], started: float) -> dict[str, Any]:
+    """Evaluate ``model`` on held-out and test data and write every artifact later stages read
+    (trained here or imported: ``generalist/importing.py``); returns the meta."""
+    batch = cfg.generalist.train.eval_batch_size
+    model.to(device)
+    val = evaluate(model, dataset.val, batch, device)
+    test = evaluate(model, dataset.test, batch, device)
     meta = {
         "class_names": dataset.class_names, "num_classes": dataset.num_classes,
         "channels": dataset.channels, "image_size": dataset.image_size,
-        "model": gcfg.model.model_dump(mode="json"), "seed": seed,
+        "model": model_cfg.model_dump(mode="json"), "seed": cfg.seed,
         "macs": count_flops(model.cpu(), dataset.channels, dataset.image_size),
         "parameters": sum(p.numel() for p in model.parameters()),
-        "metrics": {"val_acc": val["acc"], "val_loss": val["loss"], "test_acc": test["acc"],
-                    "test_loss": test["loss"], "best_epoch": result["best_epoch"],
-                    "epochs_run": result["epochs_run"], "stopped_early": result["stopped_early"],
-                    "train_seconds": result["train_seconds"], "images_per_s": result["images_per_s"],
-                    "seconds": time.perf_counter() - started},
+        **extra,
         "data": {"source": dataset.name, "train": len(dataset.train), "val": len(dataset.val),
                  "test": len(dataset.test), **{k: v for k, v in dataset.meta.items() if _small(v)}},
     }
+    meta["metrics"] = {"val_acc": val["acc"], "val_loss": val["loss"], "test_acc": test["acc"],
+                       "test_loss": test["loss"], **extra.get("metrics", {}),
+                       "seconds": time.perf_counter() - started}
     model.to(device)
     for split in SPLITS:
         part = dataset.split(split)
-        write_npy(RunDir.preds_in(out, split),
-                  predict_log_probs(model, part.images, gcfg.train.eval_batch_size, device))
+        write_npy(RunDir.preds_in(out, split), predict_log_probs(model, part.images, batch, device))
         write_npy(RunDir.labels_in(out, split), part.labels)
     write_npy(RunDir.class_examples_in(out), class_examples(dataset))
     save_classifier(RunDir.weights_in(out), model.cpu(), meta)
@@ -100,17 +112,22 @@ def run_generalist(cfg: Config, force: bool = False, progress: bool = True) -> d
     run = RunDir.of(cfg)
     out = run.generalist
     digest = stage_hash(cfg, "generalist")
+    importing = imports(cfg)
     if not force and is_done(run.root, "generalist", digest):
         meta = read_json(run.generalist_meta)
-        print(f"generalist: already trained in {out} (config hash {digest}); test accuracy "
-              f"{meta['metrics']['test_acc']:.4f}. Use --force to retrain.")
-        return meta
+        recorded = meta.get("imported", {}).get("sha256")
+        if not importing or recorded == weights_digest(cfg):
+            print(f"generalist: already {'imported' if importing else 'trained'} in {out} (config hash {digest}); "
+                  f"test accuracy {meta['metrics']['test_acc']:.4f}. Use --force to redo it.")
+            return meta
+        print(f"generalist: {cfg.generalist.weights} changed since it was imported; importing it again")
     if force or run.done("generalist").exists():  # a finished stage from another config: start over
         shutil.rmtree(out, ignore_errors=True)
-    meta = train_generalist(cfg, out, progress=progress)
+    meta = import_generalist(cfg, out) if importing else train_generalist(cfg, out, progress=progress)
     mark_done(run.root, "generalist", digest, test_acc=meta["metrics"]["test_acc"])
     m = meta["metrics"]
-    print(f"generalist: {meta['num_classes']} classes, val accuracy {m['val_acc']:.4f}, "
+    how = f"imported {meta['model']['name']} from {meta['imported']['weights']}" if importing else "trained"
+    print(f"generalist: {how}; {meta['num_classes']} classes, val accuracy {m['val_acc']:.4f}, "
           f"test accuracy {m['test_acc']:.4f} ({m['seconds']:.0f} s) -> {out}")
     return meta
 

@@ -18,11 +18,14 @@
 #                            scripts/cluster-smoke.sh: a --system-site-packages environment that
 #                            reuses the packages SPECDISTILL_PYTHON already has (torch, ray, ...)
 #                            and installs only the project itself (--no-deps).
+#   SPECDISTILL_EXTRAS       the optional dependencies (default "cpu": faiss-cpu; "gpu" on CUDA
+#                            nodes brings the official faiss-gpu wheels instead)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${SPECDISTILL_VENV:-$HOME/specdistill-venv}
 PY=${SPECDISTILL_PYTHON:-python3}
 MODE=${SPECDISTILL_NODE_SETUP:-online}
+EXTRAS=${SPECDISTILL_EXTRAS:-cpu}
 case "$MODE" in online|offline) ;; *) echo "error: SPECDISTILL_NODE_SETUP=$MODE; use online or offline" >&2; exit 2;; esac
 
 if [ ! -x "$VENV/bin/python" ]; then
@@ -50,7 +53,7 @@ if [ "$MODE" = offline ]; then
   chmod +x "$VENV/bin/ray"
 else
   "${pip[@]}" install -U pip
-  "${pip[@]}" install -e .
+  "${pip[@]}" install -e ".[$EXTRAS]"
 fi
 
 # the pinned pair must load together (a CPU-only torch cannot load the registry's torchvision)

@@ -71,7 +71,10 @@ STAGE_ENTRY_POINTS = {
     "student": ("student.train", "run_student", "student", "stage 5: distil the ensemble into one student"),
 }
 COMMANDS = {"run": ("specdistill.pipeline", "the whole pipeline, generalist to student"),
-            **{command: (module, text) for module, _, command, text in STAGE_ENTRY_POINTS.values()}}
+            **{command: (module, text) for module, _, command, text in STAGE_ENTRY_POINTS.values()},
+            "import": ("generalist.importing", "stage 1 from a model you trained: torchvision, timm or your own"),
+            "export": ("student.export", "write the student as ONNX + class names + preprocessing, checked against "
+                       "PyTorch")}
 
 
 @exit_on_error

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, ValidationError, model_validator
 
 from specdistill.errors import SpecdistillError
 from specdistill.hashing import digest_json
@@ -42,8 +42,16 @@ class DataConfig(_Section):
     classes: list[str] | None = None
     # where rendered sources cache their uint8 arrays (None = ~/.cache/specdistill)
     cache_dir: str | None = None
-    # on-the-fly augmentation of training batches
+    # on-the-fly augmentation of training batches: glyph sources an affine jitter, natural sources
+    # (imagefolder, cifar100) torchvision's RandomResizedCrop + horizontal flip (specdistill/data/loading.py)
     augment: bool = True
+    # natural sources: the range of RandomResizedCrop's crop area, as a share of the image
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    # imagefolder: read batches from the files instead of decoding every image into memory once;
+    # auto = stream when the decoded arrays would exceed 2 GiB (specdistill/data/folder.py)
+    stream: bool | Literal["auto"] = "auto"
+    # streaming: DataLoader worker processes decoding training batches (None = min(8, CPUs))
+    loader_workers: int | None = Field(None, ge=0)
     # keep at most this many examples per split (tests, smoke runs); None = all
     limit: int | None = Field(None, ge=1)
     # seeds rendering jitter, synthetic prototypes and carved-out held-out splits; apart from the
@@ -51,14 +59,32 @@ class DataConfig(_Section):
     # same data and the same splits
     data_seed: int = Field(0, ge=0)
 
+    @model_validator(mode="after")
+    def _check_stream_and_crop(self) -> DataConfig:
+        low, high = self.crop_scale
+        if not 0.0 < low <= high <= 1.0:
+            raise ValueError(f"data.crop_scale {list(self.crop_scale)} must be two shares of the image "
+                             "with 0 < low <= high <= 1, e.g. [0.08, 1.0]")
+        if self.stream is True and self.source != "imagefolder":
+            raise ValueError(f"data.stream: true streams imagefolder only; {self.source} is held in memory "
+                             "(set data.stream to auto or false)")
+        return self
+
 
 class ModelConfig(_Section):
+    # a registered name (resnet_cifar, mlp, resnet18, ...) or torchvision:<arch>, timm:<arch>,
+    # python:<module>:<function> (specdistill/model_zoo.py)
     name: str = "resnet_cifar"
     depth: int = Field(20, ge=8, le=200)      # resnet_cifar: 6n+2
     width: int = Field(16, ge=4, le=512)      # resnet_cifar: channels of the first stage
     hidden: list[int] = Field(default_factory=lambda: [1200, 1200])  # mlp
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    pretrained: bool = False                   # torchvision models: only with local weights
+    # torchvision / timm: start from the library's own weights (downloaded or in its cache)
+    pretrained: bool = False
+    # the input normalisation the weights expect, per channel, on images scaled to [0, 1]; unset =
+    # the project's x/127.5-1 (an imported library model defaults to its weights' own, e.g. ImageNet's)
+    mean: list[float] | None = None
+    std: list[PositiveFloat] | None = None
 
 
 class TrainConfig(_Section):
@@ -77,11 +103,20 @@ class TrainConfig(_Section):
     num_threads: int | None = Field(None, ge=1)
     max_steps_per_epoch: int | None = Field(None, ge=1)
     eval_batch_size: int = Field(512, ge=1)
+    # data-parallel training through Ray Train (specdistill/distributed.py): this many DDP workers,
+    # each taking its share of every batch of batch_size (the global batch stays batch_size); 1 = this
+    # process alone. use_gpu: one GPU per worker ("auto": when the Ray cluster has one for each)
+    workers: int = Field(1, ge=1, le=4096)
+    use_gpu: bool | Literal["auto"] = "auto"
 
 
 class GeneralistConfig(_Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    # import a trained generalist instead of training one (generalist/importing.py): a state_dict
+    # saved with torch.save, a safetensors file, or a timm / torchvision checkpoint dict, for the
+    # architecture model.name; model.pretrained=true imports the library's own weights instead
+    weights: str | None = None
 
 
 class ClusteringConfig(_Section):
@@ -207,6 +242,9 @@ class Config(_Section):
         if self.clustering.size is not None and self.clustering.size < self.clustering.min_size:
             raise ValueError(f"clustering.size ({self.clustering.size}) is below clustering.min_size "
                              f"({self.clustering.min_size}); raise clustering.size or lower clustering.min_size")
+        if self.specialists.train.workers != 1:
+            raise ValueError(f"specialists.train.workers={self.specialists.train.workers}: each specialist is one "
+                             "Ray task on one device, and the cluster trains many at once; remove the key")
         return self
 
     @property
@@ -230,18 +268,37 @@ _STAGE_SECTIONS = {
 }
 # Options that change how a stage runs but not what it produces.
 _VOLATILE = {"ray_address", "num_threads", "num_gpus_per_task", "num_cpus_per_task", "max_retries",
-             "eval_batch_size", "cache_dir", "load_data_on_workers"}
+             "eval_batch_size", "cache_dir", "load_data_on_workers", "loader_workers", "workers", "use_gpu"}
+# train.workers / use_gpu are among them: the same model, data, global batch, schedule and epochs on
+# more devices; the weights differ only as run-to-run noise does (batch-norm statistics and
+# augmentation draws per worker's share, float reduction order), like num_threads. So a generalist
+# trained on one GPU is not retrained because the next command asks for eight. TRAIN_RUNTIME_KEYS
+# leaves them out of checkpoint fingerprints and student run keys too, so a checkpoint written with
+# one worker count resumes with another.
+TRAIN_RUNTIME_KEYS = frozenset({"workers", "use_gpu"})
+
+
+# Keys added after run-directory format 2 whose default changes nothing: left out of the hash while
+# at that default, so run directories finished before they existed stay finished.
+_NEUTRAL_DEFAULTS: dict[str, Any] = {"mean": None, "std": None, "weights": None}
+# data options only natural-image sources read; their recipe changed with them (crop + flip instead
+# of the glyph jitter), so for those sources they stay in the hash and older runs are redone
+_NATURAL_ONLY: dict[str, Any] = {"crop_scale": [0.08, 1.0], "stream": "auto"}
+NATURAL_SOURCES = ("imagefolder", "cifar100")   # photographs (crop + flip); the other sources are glyphs
 
 
 def _strip_volatile(obj: Any) -> Any:
     if isinstance(obj, dict):
-        return {k: _strip_volatile(v) for k, v in obj.items() if k not in _VOLATILE}
+        return {k: _strip_volatile(v) for k, v in obj.items()
+                if k not in _VOLATILE and not (k in _NEUTRAL_DEFAULTS and v == _NEUTRAL_DEFAULTS[k])}
     return obj
 
 
 def stage_hash(cfg: Config, stage: str) -> str:
     """A short hash of the config sections that determine a stage's outputs."""
     dumped = cfg.model_dump(mode="json")
+    if cfg.data.source not in NATURAL_SOURCES:
+        dumped["data"] = {k: v for k, v in dumped["data"].items() if k not in _NATURAL_ONLY}
     relevant = {key: _strip_volatile(dumped[key]) for key in _STAGE_SECTIONS[stage]}
     return digest_json(relevant)
 

@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from specdistill.artifacts import load_weights, save_weights, write_text
-from specdistill.config import TrainConfig
+from specdistill.config import TRAIN_RUNTIME_KEYS, TrainConfig
 from specdistill.data import Split
 from specdistill.data.loading import to_float
 from specdistill.errors import SpecdistillError
@@ -92,13 +92,16 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
 @torch.no_grad()
 def predict_logits(model: nn.Module, images: np.ndarray | torch.Tensor, batch_size: int = 512,
                    device: torch.device | str | None = None, progress: bool = False) -> torch.Tensor:
-    """Logits for uint8 images, in batches, as a float32 CPU tensor."""
+    """Logits for uint8 images, in batches, as a float32 CPU tensor.
+
+    ``images`` is only ever sliced, so a streamed split (``data.stream.FolderImages``) is decoded a
+    batch at a time (the next one read ahead while the model runs), never whole.
+    """
     device = torch.device(device) if device is not None else next(model.parameters()).device
     model = model.to(device).eval()
-    images = torch.as_tensor(images)
     out = []
     for start in tqdm(range(0, len(images), batch_size), desc="predict", disable=not progress, leave=False):
-        x = to_float(images[start:start + batch_size].to(device))
+        x = to_float(torch.as_tensor(images[start:start + batch_size]).to(device))
         with _autocast(device):
             out.append(model(x).float().cpu())
     if not out:
@@ -163,7 +166,8 @@ def _restore_optimizer(opt: torch.optim.Optimizer, tensors: dict, meta: dict) ->
 
 def _fingerprint(model: nn.Module, cfg: TrainConfig, extra: str) -> str:
     shapes = [(k, tuple(v.shape)) for k, v in model.state_dict().items()]
-    return digest_json([cfg.model_dump(mode="json"), shapes, extra])
+    # where it trains (workers, GPUs) is left out: a checkpoint resumes on another worker count
+    return digest_json([cfg.model_dump(mode="json", exclude=set(TRAIN_RUNTIME_KEYS)), shapes, extra])
 
 
 def _save_checkpoint(path: Path, model, opt, best_state, loop: dict) -> None:
@@ -190,6 +194,8 @@ class FitSetup:
     augment: nn.Module | None = None
     desc: str = "train"
     progress: bool = True
+    rank: int = 0          # this worker and how many there are, under data-parallel training
+    world: int = 1         # (specdistill.distributed); 0 and 1 for a single process
 
     @property
     def channels_last(self) -> bool:
@@ -227,6 +233,11 @@ def _clone_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+def foreign_checkpoint(ckpt: Path) -> SpecdistillError:
+    return SpecdistillError(f"{ckpt} was written by a different model or training config; delete {ckpt.parent} "
+                            "(or pass --force) to start this training over")
+
+
 def _start_or_resume(out: Path | None, model: nn.Module, opt: torch.optim.Optimizer, fingerprint: str,
                      setup: FitSetup) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """The loop state and best weights to start from: fresh, or those of the checkpoint in ``out``.
@@ -242,10 +253,7 @@ def _start_or_resume(out: Path | None, model: nn.Module, opt: torch.optim.Optimi
         return loop, _clone_state(model)
     tensors, meta = load_weights(ckpt)
     if meta.get("loop", {}).get("fingerprint") != fingerprint:
-        raise SpecdistillError(
-            f"{ckpt} was written by a different model or training config; delete {out} "
-            "(or pass --force) to start this training over"
-        )
+        raise foreign_checkpoint(ckpt)
     loop = meta["loop"]
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     best_state = {k[5:]: v.to(setup.device) for k, v in tensors.items() if k.startswith("best.")}
@@ -288,6 +296,20 @@ def _train_step(model: nn.Module, opt: torch.optim.Optimizer, scaler: torch.amp.
     return logits, losses, labels
 
 
+def _sum_over_workers(seen: int, correct: Any, sums: dict[str, Any],
+                      device: torch.device) -> tuple[int, torch.Tensor, dict[str, torch.Tensor]]:
+    """An epoch's example count, correct count and loss sums added up over every data-parallel
+    worker (one all-reduce), so each worker's record describes the whole epoch."""
+    import torch.distributed as dist
+
+    names = list(sums)
+    totals = torch.stack([torch.as_tensor(float(seen), dtype=torch.float64, device=device),
+                          torch.as_tensor(correct, device=device).double(),
+                          *[torch.as_tensor(sums[name], device=device).double() for name in names]])
+    dist.all_reduce(totals)
+    return int(totals[0]), totals[1], {name: totals[2 + i] for i, name in enumerate(names)}
+
+
 def train_one_epoch(model: nn.Module, train_batches: DataLoader, opt: torch.optim.Optimizer,
                     scaler: torch.amp.GradScaler, setup: FitSetup, epoch: int, seed: int) -> dict[str, Any]:
     """Train one epoch and return its record (lr, train loss and accuracy, images/s).
@@ -296,8 +318,9 @@ def train_one_epoch(model: nn.Module, train_batches: DataLoader, opt: torch.opti
     exactly the epochs it would have run. Metrics add up on the device: no host sync per step.
     """
     cfg, steps = setup.cfg, setup.steps_per_epoch
-    torch.manual_seed(seed * 100_003 + epoch)
-    aug_gen = torch.Generator().manual_seed(seed * 100_019 + epoch)
+    stream = setup.rank * 1_000_000_007   # each data-parallel worker its own dropout and augmentation draws
+    torch.manual_seed(seed * 100_003 + epoch + stream)
+    aug_gen = torch.Generator().manual_seed(seed * 100_019 + epoch + stream)
     sampler = getattr(train_batches, "sampler", None)
     if hasattr(sampler, "set_epoch"):
         sampler.set_epoch(epoch)
@@ -325,6 +348,8 @@ def train_one_epoch(model: nn.Module, train_batches: DataLoader, opt: torch.opti
             bar.set_postfix(loss=f"{float(sum(sums.values())) / seen:.3f}", acc=f"{int(correct) / seen:.3f}",
                             img_s=f"{seen / (time.perf_counter() - start):.0f}", refresh=False)
     bar.close()
+    if setup.world > 1:
+        seen, correct, sums = _sum_over_workers(seen, correct, sums, setup.device)
     sums = {name: float(value) for name, value in sums.items()}   # waits for the device's last step
     seconds = time.perf_counter() - start
     return {"epoch": epoch + 1, "lr": opt.param_groups[0]["lr"],
@@ -387,7 +412,15 @@ def fit(
     ``train_batches`` yields ``(images uint8, labels, index)``; its sampler's ``set_epoch`` is
     called each epoch. With ``out_dir`` a checkpoint is written every epoch and an existing one is
     resumed; ``fingerprint`` names what else (data, teacher) the checkpoint must match.
+
+    With ``cfg.workers > 1`` the same epochs run data-parallel on that many Ray Train workers
+    (``specdistill.distributed``), with the same checkpoint, metrics and result.
     """
+    if cfg.workers > 1:
+        from specdistill.distributed import fit_distributed
+
+        return fit_distributed(model, train_batches, val, cfg, out_dir, objective, seed, desc, device,
+                               augment, progress, fingerprint)
     device = resolve_device("auto") if device is None else torch.device(device)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)

@@ -2,8 +2,13 @@
 
 Keeping the head in one named place lets the specialist stage swap it for a group+dustbin head and
 the student stage pick any architecture by name. CIFAR-style ResNets (He et al. 2016, section 4.2)
-suit the small rendered inputs; torchvision's ImageNet models suit ``imagefolder`` data; an MLP
-reproduces the paper's MNIST-style experiments.
+suit the small rendered inputs; torchvision's and timm's models (``torchvision:<arch>``,
+``timm:<arch>``, or a user's ``python:<module>:<function>``: ``specdistill/model_zoo.py``) suit
+``imagefolder`` data; an MLP reproduces the paper's MNIST-style experiments.
+
+Every stage feeds a model ``to_float``'s images (``x/127.5 - 1``, in [-1, 1]). A model whose weights
+expect another normalisation (ImageNet's mean and std) carries it: ``model.mean`` / ``model.std`` in
+the config, recorded with the architecture in the run directory, applied first in ``features``.
 """
 
 from __future__ import annotations
@@ -13,12 +18,12 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import torchvision
 from torch import nn
 
 from specdistill.artifacts import load_weights, save_weights
 from specdistill.config import ModelConfig
 from specdistill.errors import SpecdistillError
+from specdistill.model_zoo import build_library_model, detach_head, is_library_name
 from specdistill.registry import Registry
 
 MODELS: Registry[Callable[..., nn.Module]] = Registry("model")
@@ -32,16 +37,34 @@ class Classifier(nn.Module):
         self.backbone = backbone
         self.num_features = num_features
         self.head = nn.Linear(num_features, num_classes)
+        self.register_buffer("input_scale", None, persistent=False)
+        self.register_buffer("input_shift", None, persistent=False)
 
     @property
     def num_classes(self) -> int:
         return self.head.out_features
 
+    def set_input_normalization(self, mean: list[float] | None, std: list[float] | None) -> None:
+        """Map ``to_float``'s [-1, 1] input to ``(x01 - mean) / std`` (None: keep [-1, 1]).
+
+        Buffers, not parameters, and not saved with the weights: the config recorded beside the
+        weights rebuilds them, so weights trained before this existed load unchanged.
+        """
+        if mean is None or std is None:
+            self.input_scale = self.input_shift = None
+            return
+        m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+        s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+        self.register_buffer("input_scale", 0.5 / s, persistent=False)
+        self.register_buffer("input_shift", (0.5 - m) / s, persistent=False)
+
     def features(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_scale is not None:
+            x = x * self.input_scale + self.input_shift
         return self.backbone(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone(x))
+        return self.head(self.features(x))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -99,32 +122,25 @@ def mlp(cfg: ModelConfig, num_classes: int, in_channels: int, image_size: int) -
     return Classifier(nn.Sequential(*layers), cin, num_classes)
 
 
+def library_classifier(name: str, num_classes: int, in_channels: int, pretrained: bool = False) -> Classifier:
+    """A torchvision / timm / ``python:`` model as a Classifier: its last Linear becomes the head.
+
+    With ``pretrained`` the library's weights are loaded first; a head of another size is then
+    replaced by a fresh one (fine-tuning from the library's features).
+    """
+    net = build_library_model(name, num_classes, pretrained)
+    net, linear = detach_head(net)
+    if in_channels != 3:
+        net = nn.Sequential(_RepeatChannels(3), net)
+    model = Classifier(net, linear.in_features, num_classes)
+    if linear.out_features == num_classes:
+        model.head = linear
+    return model
+
+
 def _torchvision_model(name: str) -> Callable[..., Classifier]:
     def build(cfg: ModelConfig, num_classes: int, in_channels: int, image_size: int) -> Classifier:
-        if cfg.pretrained:
-            raise SpecdistillError(
-                f"model.pretrained=true: {name} weights cannot be downloaded offline; "
-                "train from scratch (pretrained: false)"
-            )
-        net = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
-        # take the classifier head off, whatever torchvision calls it
-        for attr in ("fc", "classifier", "head", "heads"):
-            if hasattr(net, attr):
-                old = getattr(net, attr)
-                linear = [m for m in old.modules() if isinstance(m, nn.Linear)][-1] \
-                    if not isinstance(old, nn.Linear) else old
-                num_features = linear.in_features
-                if isinstance(old, nn.Sequential):  # keep dropout etc., drop only the last Linear
-                    mods = [m for m in old if m is not linear]
-                    setattr(net, attr, nn.Sequential(*mods))
-                else:
-                    setattr(net, attr, nn.Identity())
-                break
-        else:  # pragma: no cover - every registered name has one of the attributes
-            raise SpecdistillError(f"cannot find the classifier head of torchvision model {name}")
-        if in_channels != 3:
-            net = nn.Sequential(_RepeatChannels(3), net)
-        return Classifier(net, num_features, num_classes)
+        return library_classifier(f"torchvision:{name}", num_classes, in_channels, cfg.pretrained)
 
     return build
 
@@ -146,8 +162,21 @@ for _name in ("resnet18", "resnet34", "resnet50", "mobilenet_v3_small", "mobilen
 
 
 def build_model(cfg: ModelConfig, num_classes: int, in_channels: int, image_size: int) -> Classifier:
-    """Build a registered model with a ``num_classes`` head for ``in_channels`` x ``image_size`` input."""
-    return MODELS.get(cfg.name)(cfg, num_classes, in_channels, image_size)
+    """Build a model with a ``num_classes`` head for ``in_channels`` x ``image_size`` input: a registered
+    name, or ``torchvision:`` / ``timm:`` / ``python:`` (``specdistill/model_zoo.py``)."""
+    if is_library_name(cfg.name):
+        model = library_classifier(cfg.name, num_classes, in_channels, cfg.pretrained)
+    else:
+        model = MODELS.get(cfg.name)(cfg, num_classes, in_channels, image_size)
+    if (cfg.mean is None) != (cfg.std is None):
+        raise SpecdistillError("model.mean and model.std go together; set both (e.g. ImageNet's "
+                               "[0.485, 0.456, 0.406] and [0.229, 0.224, 0.225]) or neither")
+    for key, values in (("mean", cfg.mean), ("std", cfg.std)):
+        if values is not None and len(values) not in (1, in_channels, 3):
+            raise SpecdistillError(f"model.{key} has {len(values)} values; give one per input channel "
+                                   f"({in_channels}) or 3 for an RGB model")
+    model.set_input_normalization(cfg.mean, cfg.std)
+    return model
 
 
 def count_flops(model: nn.Module, in_channels: int, image_size: int) -> int:
@@ -174,8 +203,9 @@ def load_classifier(path: str | os.PathLike, device: str | torch.device = "cpu")
     """Rebuild a classifier from a file written by :func:`save_classifier`; eval mode."""
     tensors, meta = load_weights(path)
     try:
-        model = build_model(ModelConfig(**meta["model"]), meta["num_classes"], meta["channels"],
-                            meta["image_size"])
+        # the saved weights replace the library's, so the library's are never fetched again
+        cfg = ModelConfig(**{**meta["model"], "pretrained": False})
+        model = build_model(cfg, meta["num_classes"], meta["channels"], meta["image_size"])
         model.load_state_dict(tensors)
     except (KeyError, RuntimeError, TypeError) as exc:
         raise SpecdistillError(

@@ -136,10 +136,11 @@ def write_report(cfg: Config, timings: dict[str, dict] | None = None) -> Path:
     parts.append("## Generalist\n")
     if gen:
         m = gen["metrics"]
+        how = (f"imported from `{gen['imported']['weights']}`" if "imported" in gen
+               else f"best epoch {m['best_epoch']} of {m['epochs_run']}")
         parts.append(f"`{gen['model']['name']}` ({gen.get('parameters', 0):,} parameters, "
                      f"{gen.get('macs', 0) / 1e6:.1f} M multiply-adds): held-out accuracy {m['val_acc']:.4f}, "
-                     f"**test accuracy {m['test_acc']:.4f}**, best epoch {m['best_epoch']} of "
-                     f"{m['epochs_run']}.\n")
+                     f"**test accuracy {m['test_acc']:.4f}**, {how}.\n")
         curve = _plot_training_curve(run)
         if curve:
             parts.append(f"![training curve]({curve})\n")

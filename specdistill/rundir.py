@@ -217,6 +217,31 @@ class RunDir:
         """One student's resumable checkpoints, in a folder keyed by everything that determines it."""
         return self.student / "runs" / folder
 
+    # ---- export (specdistill export): a deployable bundle per exported model
+    @property
+    def export(self) -> Path:
+        return self.root / "export"
+
+    def export_bundle(self, model: str) -> Path:
+        """``export/<model>/``: the ONNX graph of ``student`` or ``generalist`` and what serving it needs."""
+        if model not in EXPORTABLE:
+            raise ValueError(f"model must be one of {EXPORTABLE}, got {model!r}")
+        return self.export / model
+
+    def export_onnx(self, model: str) -> Path:
+        return self.export_bundle(model) / "model.onnx"
+
+    def export_preprocessing(self, model: str) -> Path:
+        """How an image becomes the graph's input, what comes out, and the check against PyTorch."""
+        return self.export_bundle(model) / "preprocessing.json"
+
+    def export_classes(self, model: str) -> Path:
+        """The class names, in the order of the graph's output logits."""
+        return self.export_bundle(model) / "classes.json"
+
+
+EXPORTABLE = ("student", "generalist")   # the models `specdistill export` writes
+
 
 def _split(split: str) -> str:
     if split not in SPLITS:

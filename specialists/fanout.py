@@ -5,12 +5,15 @@
     ray job submit --working-dir . -- python train_specialists.py --config ...
 
 The shape is Ray's own: a task is a pure function (:func:`specialists.train.train_one`) of values
-in the object store, the generalist's weights and the data arrays, each put there *once*; it
+in the object store, the generalist's weights and the data arrays, each put there *once* (for a
+streamed image folder only the file paths and labels: each task reads the images it samples from
+the files, so the folder must be at the same path on every node, e.g. shared storage); it
 returns weights and metrics, and the driver writes them (atomically) as they arrive in a
 ``ray.wait`` loop, so no filesystem is shared between nodes and a finished specialist survives
 anything that happens later. Failures are retried twice over: Ray re-executes a task whose worker
 or node died (``max_retries``) or that raised a transient error (``retry_exceptions``); a failure
-that outlives those retries (an owner or object lost) is resubmitted by the driver. Before
+that outlives those retries (an owner or object lost) is resubmitted by the driver; a driver that
+loses the cluster itself (the head gone) stops with one line within seconds (``ClusterWatch``). Before
 submitting, the requested resources are checked against the nodes, so a cluster without the asked
 GPUs is one clear error instead of tasks waiting forever.
 """
@@ -44,9 +47,11 @@ from specialists import store
 from specialists.model import as_class_index
 from specialists.ray_cluster import (
     INFEASIBLE_GRACE_S,
+    ClusterWatch,
     check_nodes,
     connect_ray,
     feasible,
+    gcs_address,
     require_feasible,
     same_machine,
     task_resources,
@@ -94,6 +99,7 @@ def load_inputs(cfg: Config, run: RunDir) -> dict[str, Any]:
 
 
 def _data_arrays(cfg: Config, generalist_meta: dict[str, Any] | None = None) -> dict[str, np.ndarray]:
+    """The splits the tasks need; a streamed image folder's are ``FolderImages`` (paths, not pixels)."""
     from specdistill.data import load_data
 
     dataset = load_data(cfg.data, cfg.seed)
@@ -122,6 +128,8 @@ def _train_task(generalist: dict[str, Any], data: dict[str, np.ndarray] | None, 
 
     torch.set_num_threads(num_threads)
     cfg = Config.model_validate(cfg_json)
+    if cfg.data.loader_workers is None:   # a streamed folder: decode with the CPUs Ray gave this task
+        cfg.data.loader_workers = num_threads
     if data is None:  # load_data_on_workers: every node reads (or renders) the dataset itself, once
         key = f"{cfg.data.model_dump_json()}:{cfg.seed}"
         if key not in _WORKER_DATA:
@@ -169,11 +177,16 @@ def run_specialists(cfg: Config, force: bool = False, progress: bool = True, add
                                "resubmitted": 0}
     if todo:
         print(f"specialists: {len(todo)} to train, {summary['skipped']} already finished -> {spec_dir}", flush=True)
-        started = connect_ray(address if address is not None else cfg.specialists.ray_address)
+        target = address if address is not None else cfg.specialists.ray_address
+        started = connect_ray(target)
+        watch = ClusterWatch(gcs_address(target)).start()   # a lost cluster: one line, not a hang
         try:
-            summary.update(_fan_out(cfg, inputs, todo, keys, run, progress, on_written))
+            summary.update(_fan_out(cfg, inputs, todo, keys, run, progress, on_written, watch))
         finally:
-            if started:
+            watch.stop()
+            if started and watch.lost is not None:
+                watch.skip_ray_teardown()   # it would block on the lost GCS, then log a fatal error
+            elif started:
                 ray.shutdown()
     _remove_stale(spec_dir, {g["id"] for g in groups})
     shutil.rmtree(run.specialists_work, ignore_errors=True)
@@ -189,8 +202,13 @@ def run_specialists(cfg: Config, force: bool = False, progress: bool = True, add
 
 
 def _fan_out(cfg: Config, inputs: dict[str, Any], todo: list[dict[str, Any]], keys: dict[int, str],
-             run: RunDir, progress: bool, on_written: Callable[[int, int, int], None] | None) -> dict[str, Any]:
+             run: RunDir, progress: bool, on_written: Callable[[int, int, int], None] | None,
+             watch: ClusterWatch) -> dict[str, Any]:
     scfg = cfg.specialists
+    total = len(inputs["groups"])
+    done = total - len(todo)
+    pending: dict[ray.ObjectRef, dict[str, Any]] = {}
+    watch.describe = lambda cause: _lost_line(watch.address, cause, len(pending) or len(todo), total, done, run)
     resources = task_resources(cfg)
     check_nodes({"CPU": resources["num_cpus"], "GPU": resources["num_gpus"]})   # before any task waits on them
     device = "cuda" if resources["num_gpus"] > 0 else "cpu"
@@ -208,8 +226,6 @@ def _fan_out(cfg: Config, inputs: dict[str, Any], todo: list[dict[str, Any]], ke
         return _remote_train.options(name=f"specialist-{group['id']}", **options).remote(
             generalist_ref, data_ref, group, cfg_json, device, threads, work)
 
-    total = len(inputs["groups"])
-    done = total - len(todo)
     pending = {submit(g): g for g in todo}
     attempts = {g["id"]: 1 for g in todo}
     resubmitted = trained = 0
@@ -218,8 +234,11 @@ def _fan_out(cfg: Config, inputs: dict[str, Any], todo: list[dict[str, Any]], ke
                dynamic_ncols=True, file=sys.stderr)
     try:
         while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1, timeout=10.0)
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=watch.interval_s)
+            watch.check()
             if not ready:
+                if watch.reachable() is not None:
+                    continue   # ray.nodes() would block on a GCS that is gone: let the watch decide
                 ok, _ = feasible({"CPU": resources["num_cpus"], "GPU": resources["num_gpus"]})
                 infeasible_since = None if ok else (infeasible_since or time.monotonic())
                 if infeasible_since and time.monotonic() - infeasible_since > INFEASIBLE_GRACE_S:
@@ -231,6 +250,11 @@ def _fan_out(cfg: Config, inputs: dict[str, Any], todo: list[dict[str, Any]], ke
             try:
                 result = ray.get(ref)
             except SYSTEM_FAILURES as exc:
+                cause = watch.reachable()
+                if cause is not None:   # the cluster is gone, not only this task's worker
+                    pending[ref] = group   # unfinished, as the line counts it
+                    raise SpecdistillError(watch.describe(f"{type(exc).__name__}, and its GCS does not answer: "
+                                                          f"{cause}")) from None
                 if attempts[m] > scfg.max_retries:
                     raise SpecdistillError(
                         f"specialist {m} failed {attempts[m]} times ({type(exc).__name__}); the {done} finished "
@@ -267,6 +291,13 @@ def _fan_out(cfg: Config, inputs: dict[str, Any], todo: list[dict[str, Any]], ke
             ray.cancel(ref, force=True)
     return {"trained": trained, "resubmitted": resubmitted, "num_cpus_per_task": resources["num_cpus"],
             "num_gpus_per_task": resources["num_gpus"]}
+
+
+def _lost_line(address: str | None, cause: str, unfinished: int, total: int, done: int, run: RunDir) -> str:
+    saved = (f"the {done} finished are saved in {run.specialists}" if done else "no specialist had finished yet")
+    return (f"lost the connection to the Ray cluster at {address} while {unfinished} of {total} specialists were "
+            f"training or queued ({cause}); {saved}: start the cluster again if it stopped and rerun the same "
+            "command to train the rest")
 
 
 def _remove_stale(spec_dir: Path, ids: set[int]) -> None:

@@ -2,86 +2,37 @@
 
 Kept apart from the stage so the rules are easy to find: an explicit address wins, then the
 cluster the process runs in (``RAY_ADDRESS`` under ``ray job submit``, the head node's own cluster
-under ``ray submit``), else an embedded Ray sized to the machine; and resources are checked
+under ``ray submit``), else an embedded Ray sized to the machine (``specdistill.ray_connect``,
+shared with data-parallel training); and resources are checked
 against the nodes *before* anything is submitted, because Ray lets an infeasible task wait forever.
 """
 
 from __future__ import annotations
 
-import logging
+import atexit
 import os
 import socket
-from urllib.parse import urlsplit
+import sys
+import threading
+import time
+from collections.abc import Callable
 
 import ray
 import ray.exceptions as rex
 
 from specdistill.config import Config
-from specdistill.errors import SpecdistillError, handle_sigterm
+from specdistill.errors import SpecdistillError
+from specdistill.ray_connect import CONNECT_TIMEOUT_S, connect_ray, require_reachable  # noqa: F401 - re-exported
+
+# which Ray to join is the whole project's rule (the training engine joins Ray too), so it lives in
+# specdistill.ray_connect; the fan-out and its tests import it from here as before
 
 INFEASIBLE_GRACE_S = 120.0    # how long tasks may wait with no node able to run them (a node lost)
-CONNECT_TIMEOUT_S = 10.0      # how long to try reaching an explicit head address before giving up
 NODE_CHECK_TIMEOUT_S = 90.0   # how long every node gets to answer the software check (a worker start + imports)
 # a module of each project package a specialist task imports: a module, not the package, because a
 # folder named like the package on sys.path (the checkout ~/specdistill when Ray adds the driver's
 # working directory ~ to its workers' path) turns ``import specdistill`` into a namespace package
 PROJECT_PACKAGES = ("specdistill.config", "specialists.train")
-
-
-def _cluster_started_on_this_machine() -> bool:
-    """True on a node of a cluster started with ``ray start`` (e.g. the head under ``ray submit``)."""
-    try:
-        from ray._private import services
-
-        address = services.find_bootstrap_address(None)
-        return address is not None and address in services.find_gcs_addresses()
-    except Exception:  # noqa: BLE001 - private API; when in doubt, start an embedded Ray
-        return False
-
-
-def connect_ray(address: str | None = None) -> bool:
-    """Join the right Ray; True when this call connected (and the caller should shut it down).
-
-    An explicit address wins ('local' forces an embedded Ray); then ``RAY_ADDRESS`` (set inside
-    ``ray job submit``) or a cluster started on this machine (the head node under ``ray submit``)
-    via ``ray.init()``; otherwise an embedded Ray sized to this machine.
-    """
-    if ray.is_initialized():
-        return False
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    quiet = {"logging_level": logging.WARNING, "log_to_driver": True}
-    target = address if address not in (None, "local", "auto") else os.environ.get("RAY_ADDRESS")
-    if address != "local" and target:
-        require_reachable(target)
-    try:
-        if address and address != "local":
-            ray.init(address=address, **quiet)
-        elif address is None and (os.environ.get("RAY_ADDRESS") or _cluster_started_on_this_machine()):
-            ray.init(**quiet)
-        else:
-            ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, **quiet)
-    except (ConnectionError, ValueError, RuntimeError) as exc:
-        raise SpecdistillError(f"cannot connect to Ray at {address or os.environ.get('RAY_ADDRESS')!r} "
-                               f"({str(exc).splitlines()[0]}); check the address, or pass --address local "
-                               "to train on this machine") from None
-    handle_sigterm()   # take SIGTERM back from Ray's handler, which prints a C++ stack dump
-    return True
-
-
-def require_reachable(address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
-    """A TCP connection to a ``host:port`` (or ``ray://``, ``http://``) address within ``timeout_s``,
-    so an unreachable head is one line after seconds, not a minute of retries from Ray."""
-    parsed = urlsplit(address if "://" in address else f"tcp://{address}")
-    if parsed.scheme not in ("tcp", "ray", "http", "https") or not parsed.hostname or parsed.port is None:
-        return   # 'auto', a bare host: let Ray resolve it
-    try:
-        socket.create_connection((parsed.hostname, parsed.port), timeout=timeout_s).close()
-    except OSError as exc:
-        reason = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or type(exc).__name__)
-        raise SpecdistillError(
-            f"cannot reach the Ray head at {address} ({reason} after at most {timeout_s:g} s): check the address, "
-            "that `ray start --head` runs there and that this machine may connect to its port, or pass "
-            "--address local to train on this machine") from None
 
 
 def task_resources(cfg: Config) -> dict[str, float]:
@@ -231,3 +182,114 @@ def check_nodes(need: dict[str, float], timeout_s: float = NODE_CHECK_TIMEOUT_S)
         if problem:
             raise SpecdistillError(f"node {node['NodeManagerAddress']} ({report['host']}) {problem}; {fix}")
     return len(nodes)
+
+
+# ----------------------------------------------------------------------------------------------
+# The driver's connection to the cluster, watched while the specialists train
+
+# how long the cluster's GCS may not answer before the driver gives up on it: well below Ray's own
+# RAY_gcs_rpc_server_reconnect_timeout_s (60 s), after which Ray kills the driver with a fatal log line
+LOST_AFTER_S = float(os.environ.get("SPECDISTILL_RAY_LOST_AFTER_S", "10"))
+PROBE_INTERVAL_S = 2.0
+STUCK_AFTER_LOST_S = 20.0   # a driver stuck in a Ray call this long after the loss is ended by the watch
+
+
+def gcs_address(address: str | None = None) -> str | None:
+    """What the driver's connection to its cluster depends on, as ``host:port``: the GCS this process
+    is connected to (the head's ``ray start --port``), or under Ray Client (``ray://``, ``address`` or
+    ``RAY_ADDRESS``) the client server, since the cluster's own addresses may not be reachable from here."""
+    target = address if address not in (None, "auto") else os.environ.get("RAY_ADDRESS")
+    if target and target.startswith("ray://"):   # ('local' is an embedded Ray: its GCS, below)
+        return target.split("://", 1)[1].split("/", 1)[0]
+    if not ray.is_initialized():   # (the runtime context would connect)
+        return None
+    try:
+        return ray.get_runtime_context().gcs_address
+    except Exception:  # noqa: BLE001 - no address to watch: the watch then trusts Ray
+        return None
+
+
+class ClusterWatch:
+    """Says when the driver has lost its Ray cluster (the head died or restarted, the network dropped).
+
+    Ray notices only after ``RAY_gcs_rpc_server_reconnect_timeout_s`` (60 s); until then calls that
+    need the GCS (``ray.nodes()``) block, and then the core worker ends the process with a fatal C++
+    log line and exit code 1. So a thread opens a TCP connection to the GCS port every
+    ``interval_s``; when none succeeded for ``lost_after_s``, :attr:`lost` holds the cause, and the
+    fan-out's loop (which polls it) raises :class:`SpecdistillError` with ``describe(cause)``, one
+    line. Should the driver be stuck in a Ray call instead, the watch prints that line itself and
+    ends the process (exit 2) ``stuck_after_s`` later, still before Ray's fatal exit.
+    """
+
+    def __init__(self, address: str | None, describe: Callable[[str], str] | None = None,
+                 lost_after_s: float = LOST_AFTER_S, interval_s: float = PROBE_INTERVAL_S,
+                 stuck_after_s: float = STUCK_AFTER_LOST_S) -> None:
+        self.address = address
+        self.describe = describe or (lambda cause: f"lost the connection to the Ray cluster at {address} ({cause})")
+        self.lost_after_s, self.interval_s, self.stuck_after_s = lost_after_s, interval_s, stuck_after_s
+        self.lost: str | None = None
+        self._failing_since: float | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="ray-connection-watch", daemon=True)
+
+    def start(self) -> ClusterWatch:
+        if self.address:
+            self._thread.start()
+        return self
+
+    def __enter__(self) -> ClusterWatch:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    @staticmethod
+    def skip_ray_teardown(code: int = 2) -> None:
+        """After a lost cluster, end the process as soon as the error line is out (at exit, before Ray's
+        handler): ``ray.shutdown()``, and the interpreter's own teardown of Ray's core worker, wait
+        10-20 s on the GCS that is gone and may end in Ray's fatal log line. Only for a process that
+        connected to Ray itself (the entry points): it ends the interpreter."""
+        def exit_now() -> None:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+
+        atexit.register(exit_now)   # atexit runs last-registered first: before ray.shutdown
+
+    def reachable(self) -> str | None:
+        """One probe now: None when the GCS accepted a connection, else why not."""
+        host, _, port = (self.address or "").rpartition(":")
+        if not host or not port.isdigit():
+            return None   # nothing to probe: trust Ray
+        try:
+            socket.create_connection((host.strip("[]"), int(port)), timeout=self.interval_s).close()
+            return None
+        except OSError as exc:
+            return "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or type(exc).__name__)
+
+    def check(self) -> None:
+        """Raise the one line when the connection is lost (called by the driver's loop)."""
+        if self.lost is not None:
+            raise SpecdistillError(self.describe(self.lost))
+
+    def _run(self) -> None:
+        lost_at = 0.0
+        while not self._stop.wait(self.interval_s if self._failing_since is None else 1.0):
+            reason = self.reachable()
+            now = time.monotonic()
+            if reason is None:
+                self._failing_since = None
+                continue
+            self._failing_since = self._failing_since or now
+            silent = now - self._failing_since
+            if silent >= self.lost_after_s and self.lost is None:
+                self.lost = f"its GCS has not answered for {silent:.0f} s: {reason}"
+                lost_at = now
+            if self.lost is not None and now - lost_at >= self.stuck_after_s and not self._stop.is_set():
+                # the main thread did not get out of Ray in time: say it here, before Ray's fatal exit
+                sys.stderr.write(f"\nerror: {self.describe(self.lost)}\n")
+                sys.stderr.flush()
+                os._exit(2)

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from specdistill.config import Config, ModelConfig
 from specdistill.data import Split
-from specdistill.data.loading import ArrayDataset, BatchAugment, batch_loader
+from specdistill.data.loading import training_batches
 from specdistill.engine import fit, predict_logits, resolve_device
 from specdistill.kd import build_loss
 from specdistill.models import Classifier, build_model
@@ -51,7 +51,7 @@ def backbone_features(model: Classifier, images: np.ndarray, device: torch.devic
     from specdistill.data.loading import to_float
 
     model = model.to(device).eval()
-    out = [model.backbone(to_float(torch.as_tensor(images[i:i + batch_size]).to(device))).float().cpu()
+    out = [model.features(to_float(torch.as_tensor(images[i:i + batch_size]).to(device))).float().cpu()
            for i in range(0, len(images), batch_size)]
     return torch.cat(out)
 
@@ -117,7 +117,9 @@ def train_one(generalist_state: dict[str, Any], group: dict[str, Any], data: dic
     """Train the specialist for ``group`` (``{"id", "classes", "names"}``) and return weights + metrics.
 
     ``generalist_state`` is ``{"tensors": {name: array}, "meta": generalist meta}``; ``data`` holds
-    ``train_images``, ``train_labels``, ``val_images``, ``val_labels`` (uint8 images, int64 labels).
+    ``train_images``, ``train_labels``, ``val_images``, ``val_labels`` (uint8 images, int64 labels);
+    for a streamed image folder the images are ``FolderImages`` (file paths only), and this task
+    reads just the files it samples: its group, the dustbin half and its held-out rows.
     With ``work_dir`` the engine checkpoints every epoch there and resumes an interrupted run.
     """
     scfg = cfg.specialists
@@ -137,7 +139,7 @@ def train_one(generalist_state: dict[str, Any], group: dict[str, Any], data: dic
 
     inside_train = np.isin(train.labels, classes.numpy())
     init_idx = _balanced_sample(rng, inside_train, INIT_EXAMPLES, sampler.training_fraction)
-    features = backbone_features(generalist, train.images[init_idx], device, scfg.train.eval_batch_size)
+    features = backbone_features(generalist, train.subset(init_idx).images, device, scfg.train.eval_batch_size)
     specialist = make_specialist(generalist, classes, features, dustbin_init=scfg.dustbin_init)
     if scfg.freeze_backbone:
         for p in specialist.backbone.parameters():
@@ -147,12 +149,12 @@ def train_one(generalist_state: dict[str, Any], group: dict[str, Any], data: dic
     inside_val = np.isin(val.labels, classes.numpy())
     stop_idx = _balanced_sample(rng, inside_val, int(inside_val.sum() / sampler.training_fraction) + 1,
                                 sampler.training_fraction) if inside_val.any() else np.zeros(0, np.int64)
-    early_stop = Split(val.images[stop_idx], fold_labels(val.labels[stop_idx], classes.numpy())) \
+    early_stop = Split(val.subset(stop_idx).images, fold_labels(val.labels[stop_idx], classes.numpy())) \
         if len(stop_idx) else None
     natural_idx = np.sort(rng.choice(len(val), min(len(val), NATURAL_EVAL), replace=False))
     group_val = np.flatnonzero(inside_val)
     eval_idx = np.union1d(natural_idx, group_val)
-    eval_images, eval_labels = val.images[eval_idx], val.labels[eval_idx]
+    eval_images, eval_labels = val.subset(eval_idx).images, val.labels[eval_idx]
     in_natural = np.isin(eval_idx, natural_idx)
     in_group = np.isin(eval_labels, classes.numpy())
     local_group = torch.as_tensor(fold_labels(eval_labels[in_group], classes.numpy()))
@@ -166,8 +168,9 @@ def train_one(generalist_state: dict[str, Any], group: dict[str, Any], data: dic
         teacher = classifier_from_state(generalist_state).to(device)
         objective = soft_target_objective(teacher, classes, correction, scfg.soft_targets.temperature,
                                           scfg.soft_targets.alpha)
-    loader = batch_loader(ArrayDataset(train, fold_labels(train.labels, classes.numpy())), sampler)
-    augment = BatchAugment() if cfg.data.augment else None
+    # a streamed split: the loader's workers read only the files of the sampled batches
+    loader, augment = training_batches(train, cfg.data, seed=seed, labels=fold_labels(train.labels, classes.numpy()),
+                                       sampler=sampler, device=device)
     fingerprint = f"specialist:{group['id']}:{classes.tolist()}:{correction:.6f}"
     result = fit(specialist, loader, early_stop, scfg.train, work_dir, objective=objective, seed=seed,
                  desc=f"specialist {group['id']}", device=device, augment=augment, progress=progress,

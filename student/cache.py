@@ -59,7 +59,10 @@ def cache_key(description: dict[str, Any]) -> str:
 
 def data_fingerprint(images: np.ndarray, labels: np.ndarray) -> str:
     """A hash of the training examples themselves, so a re-rendered or re-split data set (same
-    config, different files) never reuses targets that belong to other images."""
+    config, different files) never reuses targets that belong to other images. A streamed image
+    folder is named by its files and how they are read (hashing its pixels would decode it whole)."""
+    if hasattr(images, "fingerprint"):
+        return digest_json([images.fingerprint(), digest_arrays(np.asarray(labels, dtype=np.int64))])
     return digest_arrays(images, np.asarray(labels, dtype=np.int64))
 
 

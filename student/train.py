@@ -23,9 +23,9 @@ import torch
 
 from specdistill.artifacts import read_json, write_json, write_text
 from specdistill.cli import config_from_args, prepare_run_dir, setup_environment, stage_parser
-from specdistill.config import Config, ModelConfig, StudentLossConfig, stage_hash
+from specdistill.config import TRAIN_RUNTIME_KEYS, Config, ModelConfig, StudentLossConfig, stage_hash
 from specdistill.data import Dataset, load_data
-from specdistill.data.loading import BatchAugment, train_loader
+from specdistill.data.loading import training_batches
 from specdistill.engine import evaluate, fit, resolve_device
 from specdistill.errors import SpecdistillError, exit_on_error
 from specdistill.hashing import digest_json
@@ -90,17 +90,20 @@ def train_one(cfg: Config, plan: StudentPlan, dataset: Dataset, teacher: Teacher
     model = build_model(plan.model, dataset.num_classes, dataset.channels, dataset.image_size)
     distiller = Distiller(model, loss, teacher if getattr(loss, "needs_teacher", True) else None)
     train = cfg.student.train
-    result = fit(model, train_loader(dataset.train, train.batch_size, cfg.seed), dataset.val, train, out_dir,
+    loader, augment = training_batches(dataset.train, cfg.data, train.batch_size, cfg.seed, device=device)
+    result = fit(model, loader, dataset.val, train, out_dir,
                  objective=distiller.objective, seed=cfg.seed, desc=plan.name, device=device,
-                 augment=BatchAugment() if cfg.data.augment else None, progress=progress,
+                 augment=augment, progress=progress,
                  fingerprint=f"{plan}:{teacher.key if teacher else 'labels'}")
     return model, result
 
 
 def _run_folder(plan: StudentPlan, teacher_key: str, cfg: Config, data_fingerprint: str) -> str:
     """Checkpoint folder name, keyed by everything that determines the student: its model, loss and
-    schedule, its teacher's targets, the training images (by content) and how they are augmented."""
-    key = digest_json([plan.model.model_dump(), plan.loss.model_dump(), cfg.student.train.model_dump(),
+    schedule, its teacher's targets, the training images (by content) and how they are augmented;
+    not where it trains (train.workers), so a checkpoint resumes on another worker count."""
+    schedule = cfg.student.train.model_dump(exclude=set(TRAIN_RUNTIME_KEYS))
+    key = digest_json([plan.model.model_dump(), plan.loss.model_dump(), schedule,
                        teacher_key, cfg.seed, data_fingerprint, cfg.data.augment])
     return f"{plan.name}-{key}"
 

@@ -5,5 +5,6 @@ from the repository root, where pytest runs (``pythonpath = ["."]``) and where e
 script puts itself on ``sys.path``. Nothing in the pipeline imports it.
 
 * ``testkit.reference_combine``: per-example combiner solvers written straight from the definition;
-* ``testkit.synthetic_predictions``: generalist predictions with planted confusable groups.
+* ``testkit.synthetic_predictions``: generalist predictions with planted confusable groups;
+* ``testkit.cli``: a command run in the test process, and the one-line error it must end with.
 """

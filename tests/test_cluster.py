@@ -118,3 +118,201 @@ def test_a_node_that_never_answers_is_one_line_after_the_timeout(doctored_cluste
 
     with pytest.raises(SpecdistillError, match=r"did not answer within 0\.001 s: the head cannot reach it"):
         check_nodes({"CPU": 1, "good": 1}, timeout_s=0.001)
+
+
+# ----------------------------------------------------------------------------------------------
+# The driver loses its cluster mid-run: one line within seconds, and a rerun finishes the rest
+
+LOST_CONFIG = """\
+name: lost-cluster
+device: cpu
+seed: 0
+data: {source: synthetic, num_classes: 12, group_size: 3, examples_per_class: 40, image_size: 8, augment: false}
+generalist:
+  model: {name: mlp, hidden: [32]}
+specialists:
+  train: {epochs: 40, batch_size: 16, lr: 0.05}
+  num_cpus_per_task: 1
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _generalist_and_groups(run_dir, config_path) -> None:
+    """The run directory as stages 1-2 leave it for the specialists: a small generalist, the planted groups."""
+    import torch
+
+    from specdistill.config import load_config
+    from specdistill.data import load_data
+    from specdistill.data.loading import train_loader
+    from specdistill.engine import fit
+    from specdistill.models import build_model, save_classifier
+    from specdistill.records import Clusters, Group
+    from specdistill.rundir import RunDir
+
+    cfg = load_config(config_path)
+    ds = load_data(cfg.data, cfg.seed)
+    torch.manual_seed(0)
+    model = build_model(cfg.generalist.model, ds.num_classes, ds.channels, ds.image_size)
+    fit(model, train_loader(ds.train, 64, 0), ds.val, cfg.generalist.train.model_copy(update={"epochs": 2}),
+        progress=False, device="cpu")
+    run = RunDir.at(run_dir)
+    save_classifier(run.generalist_weights, model, {
+        "class_names": ds.class_names, "num_classes": ds.num_classes, "channels": ds.channels,
+        "image_size": ds.image_size, "model": cfg.generalist.model.model_dump(mode="json")})
+    Clusters(ds.num_classes, ds.class_names, [Group(m, list(g), [ds.class_names[c] for c in g])
+                                              for m, g in enumerate(ds.meta["groups"])]).write(run.clusters)
+
+
+def _start_head(temp_dir, env):
+    """`ray start --head --block` as a process group this test owns, every port of it chosen free
+    (other Ray clusters may run on this machine); returns (process, GCS address) once it runs."""
+    import subprocess
+
+    port = _free_port()
+    log = open(temp_dir / "head.log", "w")
+    head = subprocess.Popen(
+        ["ray", "start", "--head", "--block", f"--port={port}", "--num-cpus=1", "--include-dashboard=false",
+         f"--temp-dir={temp_dir}", f"--ray-client-server-port={_free_port()}", f"--dashboard-port={_free_port()}",
+         f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
+         f"--metrics-export-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}"],
+        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    deadline = time.monotonic() + 180
+    while "Ray runtime started" not in (temp_dir / "head.log").read_text():
+        assert head.poll() is None, (temp_dir / "head.log").read_text()[-3000:]
+        assert time.monotonic() < deadline, "the Ray head did not start within 180 s"
+        time.sleep(0.5)
+    return head, f"127.0.0.1:{port}"
+
+
+def _kill_group(proc) -> None:
+    import os
+    import signal
+
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+def _finished(spec_dir):
+    """Each finished specialist's files: name -> (bytes, mtime)."""
+    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns)
+            for stem in sorted(q.stem for q in spec_dir.glob("[0-9]*.json"))
+            for p in (spec_dir / f"{stem}.json", spec_dir / f"{stem}.safetensors")}
+
+
+def test_a_driver_that_loses_its_cluster_says_so_in_one_line_and_a_rerun_trains_only_the_rest(tmp_path):
+    """The head (GCS, raylet, workers) dies while the specialists train, as when the head node is
+    lost or restarted: the driver ends within seconds, well before Ray's own 60 s, with one line
+    naming the cluster and the fix; what finished stays, and the same command (against an embedded
+    Ray here) trains exactly the missing specialists."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    config = tmp_path / "lost.yaml"
+    config.write_text(LOST_CONFIG)
+    run = tmp_path / "run"
+    spec_dir = run / "specialists"
+    _generalist_and_groups(run, config)
+    # this Ray turns token authentication on by default for a head started here, and a driver given an
+    # explicit address does not pick the token up: run this private cluster without it
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+    temp_dir = Path(tempfile.mkdtemp(prefix="sd-ray-", dir="/tmp"))   # short: Ray's socket paths must fit
+    command = [sys.executable, "-m", "specialists.fanout", "--config", str(config), "--run-dir", str(run)]
+    head = driver = rerun = None
+    try:
+        head, address = _start_head(temp_dir, env)
+        err_path = tmp_path / "driver.err"
+        with open(tmp_path / "driver.out", "w") as out, open(err_path, "w") as err:   # files: no pipe fills up
+            driver = subprocess.Popen([*command, "--address", address], stdout=out, stderr=err, env=env,
+                                      start_new_session=True)
+        deadline = time.monotonic() + 180
+        while not list(spec_dir.glob("[0-9]*.json")):
+            assert driver.poll() is None, err_path.read_text()[-3000:]
+            assert time.monotonic() < deadline, "no specialist finished within 180 s"
+            time.sleep(0.1)
+        at_kill = _finished(spec_dir)
+        _kill_group(head)                       # GCS, raylet and the workers training specialists
+        killed = time.monotonic()
+        try:
+            driver.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the driver still runs 90 s after its cluster died: {err_path.read_text()[-2000:]}")
+        took = time.monotonic() - killed
+        err = err_path.read_text()
+
+        # one line, within the watch's 10 s and well before Ray's own 60 s; no traceback, no fatal log last
+        assert driver.returncode == 2, err[-3000:]
+        assert took < 45, f"the driver took {took:.0f} s to notice; {err[-2000:]}"
+        last = err.strip().splitlines()[-1]
+        print(f"the driver ended {took:.1f} s after its head died: {last}")
+        assert last.startswith("error: lost the connection to the Ray cluster at ") and address.split(":")[1] in last
+        assert "rerun the same command" in last and str(spec_dir) in last, last
+        assert "Traceback" not in err and "Failed to connect to GCS" not in err, err[-3000:]
+        finished = _finished(spec_dir)
+        assert len(finished) // 2 < 4, "every specialist finished before the head died: nothing was cut"
+        assert f"while {4 - len(finished) // 2} of 4 specialists" in last, last
+        assert f"the {len(finished) // 2} finished are saved" in last, last
+        for name, (data, stamp) in at_kill.items():       # what was finished stays as it was
+            assert finished[name] == (data, stamp), f"{name} changed"
+        assert not (spec_dir / "done.json").exists()
+
+        # the same command, now on an embedded Ray, trains exactly the missing ones
+        rerun = subprocess.Popen([*command, "--address", "local"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                 text=True, env=env, start_new_session=True)
+        out, _ = rerun.communicate(timeout=300)
+        assert rerun.returncode == 0, out[-3000:]
+        missing = 4 - len(finished) // 2
+        assert f"specialists: {missing} to train, {4 - missing} already finished" in out, out[-3000:]
+        assert f"specialists: {missing} trained, {4 - missing} reused, 4 in all" in out, out[-3000:]
+        assert sorted(p.name for p in spec_dir.glob("[0-9]*.json")) == [f"{m:04d}.json" for m in range(4)]
+        after = _finished(spec_dir)
+        for name, (data, stamp) in finished.items():
+            assert after[name] == (data, stamp), f"{name} was trained again"
+        assert (spec_dir / "done.json").exists()
+    finally:
+        for proc in (driver, rerun, head):
+            if proc is not None:
+                _kill_group(proc)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def test_the_watch_says_lost_after_its_grace_and_ends_a_driver_stuck_in_ray(tmp_path):
+    """Without a cluster: a GCS address nobody listens on is lost after ``lost_after_s`` (the loop's
+    check raises the one line); a driver that never gets back to its loop (stuck in a Ray call) is
+    ended by the watch itself, with the same line last and exit code 2."""
+    import subprocess
+    import sys
+
+    from specialists.ray_cluster import ClusterWatch
+
+    address = f"127.0.0.1:{_closed_port()}"
+    with ClusterWatch(address, describe=lambda cause: f"lost {address} ({cause}); rerun",
+                      lost_after_s=0.5, interval_s=0.1, stuck_after_s=60) as watch:
+        watch.check()                                   # not yet: within the grace
+        deadline = time.monotonic() + 20
+        while watch.lost is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with pytest.raises(SpecdistillError, match=rf"lost {address} \(its GCS has not answered for \d+ s: "
+                                                   r"Connection refused\); rerun"):
+            watch.check()
+    live = ClusterWatch(None)                           # no address (Ray Client without one): nothing to probe
+    assert live.reachable() is None and live.start().lost is None
+
+    stuck = ("import time\nfrom specialists.ray_cluster import ClusterWatch\n"
+             f"ClusterWatch({address!r}, describe=lambda c: 'lost it; rerun the same command', lost_after_s=0.3, "
+             "interval_s=0.1, stuck_after_s=0.5).start()\nprint('training', flush=True)\ntime.sleep(120)\n")
+    began = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", stuck], capture_output=True, text=True, timeout=100)
+    assert proc.returncode == 2 and time.monotonic() - began < 60, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == "error: lost it; rerun the same command"

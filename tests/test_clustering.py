@@ -251,3 +251,23 @@ def test_bad_k_for_a_run_directory_leaves_the_previous_result(tmp_path, capsys):
         main(["--k", "61", "--run-dir", str(run)])
     assert "larger than the number of classes" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in (run / "clustering").iterdir()} == before
+
+
+def test_faiss_missing_or_cpu_only_says_so_and_still_clusters(planted, monkeypatch, capsys):
+    from clustering import kmeans
+
+    def groups(backend):
+        return cluster_classes(planted.probs, 20, backend=backend, seed=0, progress=False).labels
+
+    reference = groups("sklearn")
+    monkeypatch.setattr(kmeans, "faiss_installed", lambda: False)
+    missing = groups("faiss")
+    line = capsys.readouterr().err.strip()
+    assert "faiss is not installed" in line and "specdistill[cpu]" in line and "\n" not in line
+    assert (missing == reference).all()   # it really ran scikit-learn's KMeans
+    monkeypatch.setattr(kmeans, "faiss_installed", lambda: True)
+    monkeypatch.setattr(kmeans, "_cuda_visible", lambda: True)   # a GPU machine with faiss-cpu installed
+    cpu = groups("faiss")
+    line = capsys.readouterr().err.strip()
+    assert "no GPU support" in line and "specdistill[gpu]" in line and "\n" not in line
+    assert adjusted_rand_score(planted.group_of, cpu) >= 0.9

@@ -65,3 +65,21 @@ def test_cli_exits_nonzero_with_one_line(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0
     assert proc.stderr.startswith("error: ") and "data.bogus" in proc.stderr
+
+
+def test_options_added_later_keep_finished_runs_finished_where_they_change_nothing():
+    from specdistill.config import stage_hash
+
+    glyphs = load_config("configs/quickstart.yaml")
+    natural = load_config("configs/quickstart.yaml", ["data.source=imagefolder", "data.root=/data"])
+    # natural-image options mean nothing to a glyph run; workers change how, not what, is trained
+    base = stage_hash(glyphs, "generalist")
+    assert stage_hash(load_config("configs/quickstart.yaml", ["data.crop_scale=[0.5,1.0]"]), "generalist") == base
+    assert stage_hash(load_config("configs/quickstart.yaml", ["generalist.model.mean=[0.5]",
+                                                              "generalist.model.std=[0.5]"]), "generalist") != base
+    assert stage_hash(load_config("configs/quickstart.yaml", ["generalist.train.workers=4"]), "generalist") == base
+    # ...while an image-folder run, whose training recipe they describe, hashes them
+    natural_base = stage_hash(natural, "generalist")
+    cropped = load_config("configs/quickstart.yaml", ["data.source=imagefolder", "data.root=/data",
+                                                       "data.crop_scale=[0.5,1.0]"])
+    assert stage_hash(cropped, "generalist") != natural_base

@@ -7,9 +7,6 @@ fix, followed literally, finishes the run).
 
 from __future__ import annotations
 
-import contextlib
-import importlib
-import io
 import json
 import shutil
 import signal
@@ -24,26 +21,12 @@ import torch
 from specdistill.artifacts import load_weights, read_json, save_weights
 from specdistill.records import CombineResult, SpecialistInfo
 from specdistill.rundir import RunDir
+from testkit.cli import one_line_error as _one_line
+from testkit.cli import run_cli as _cli
 
 TINY = Path(__file__).parent / "configs" / "tiny.yaml"
 FAST = ["--set", "generalist.train.epochs=2", "--set", "student.train.epochs=1", "--set", "student.baselines=false",
         "--set", "specialists.ray_address=local"]   # an embedded Ray, whatever else runs on this machine
-
-
-def _cli(module: str, *args: str) -> subprocess.CompletedProcess:
-    """A command as a user types it (``python -m module args``), run in this process: the same
-    ``main`` and exit codes, without paying for a new interpreter and its imports every time."""
-    main = importlib.import_module(module).main
-    out, err, argv = io.StringIO(), io.StringIO(), sys.argv[:]
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            main(list(args))
-            code = 0
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else 1
-        finally:
-            sys.argv = argv   # specdistill's dispatcher sets it, as for a real command
-    return subprocess.CompletedProcess([module, *args], code, out.getvalue(), err.getvalue())
 
 
 def _run(run: Path, *extra: str, config: Path = TINY) -> subprocess.CompletedProcess:
@@ -53,13 +36,6 @@ def _run(run: Path, *extra: str, config: Path = TINY) -> subprocess.CompletedPro
 def _ok(proc: subprocess.CompletedProcess) -> str:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout
-
-
-def _one_line(proc: subprocess.CompletedProcess) -> str:
-    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
-    line = proc.stderr.strip()
-    assert line.startswith("error:") and "\n" not in line and "Traceback" not in proc.stdout, proc.stderr[-2000:]
-    return line
 
 
 def _stamps(run: Path) -> dict[Path, int]:

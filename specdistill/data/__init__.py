@@ -2,7 +2,9 @@
 
 A source is a function ``(cfg: DataConfig, seed: int) -> Dataset`` registered with
 ``@DATA_SOURCES.register("name")``. Images are uint8 arrays ([N, H, W] for grey, [N, H, W, C] for
-colour) held in memory; augmentation happens on the fly, per batch (see ``specdistill.data.loading``).
+colour) held in memory, or for a streamed image folder a lazy array over the files
+(``specdistill.data.stream.FolderImages``: sliced and indexed like one, decoded per read, never
+whole); augmentation happens on the fly, per batch (see ``specdistill.data.loading``).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from specdistill.registry import Registry
 
 @dataclass
 class Split:
-    images: np.ndarray          # uint8, [N, H, W] or [N, H, W, C]
+    images: np.ndarray          # uint8, [N, H, W] or [N, H, W, C] (or a lazy FolderImages)
     labels: np.ndarray          # int64, [N], values in [0, num_classes)
 
     def __post_init__(self) -> None:
@@ -32,7 +34,15 @@ class Split:
         return len(self.labels)
 
     def subset(self, index: np.ndarray) -> Split:
-        return Split(self.images[index], self.labels[index])
+        """Some rows; a lazy (streamed) split stays lazy."""
+        return Split(take(self.images, index), self.labels[index])
+
+
+def take(images: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """``images[index]``, except that rows of a streamed split stay lazy (read a batch at a time when
+    a model runs on them) instead of being decoded all at once."""
+    subset = getattr(images, "subset", None)
+    return subset(index) if subset is not None else images[index]
 
 
 @dataclass

@@ -8,8 +8,16 @@
   split is then carved from ``train/``. Without ``val/`` and ``test/`` both are carved from ``train/``.
 - ``root/<class>/*`` (no ``train/``): held-out and test splits are both carved from it.
 Carving is stratified, ``data.val_fraction`` of each class, seeded by ``data.data_seed``.
-``data.classes`` keeps a subset of the class folders (e.g. 100 ImageNet classes). Images are
-resized (shorter side) and centre-cropped to ``data.image_size``, decoded once and cached.
+``data.classes`` keeps a subset of the class folders (e.g. 100 ImageNet classes).
+
+Two ways to hold the images (``data.stream``; ``auto`` picks by the size the decoded arrays would
+have, :data:`STREAM_ABOVE_BYTES`):
+
+- in memory: every image resized (shorter side) and centre-cropped to ``data.image_size``, decoded
+  once and cached; training augments these arrays on the device (``loading.NaturalBatchAugment``);
+- streamed (ImageNet at full size): each split is a lazy :class:`~specdistill.data.stream.FolderImages`
+  over the files, read per batch: resize + centre crop for evaluation, torchvision's
+  RandomResizedCrop + horizontal flip in DataLoader workers for training. Nothing is cached.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ import socket
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -131,25 +140,38 @@ def _full_scale(image) -> float:
     return 65535.0
 
 
+def open_rgb(path: str):
+    """The image at ``path`` as a loaded 8-bit RGB PIL image; a file PIL cannot read is one line
+    naming it and the fix (the in-memory decode, the streamed reads and DataLoader workers alike)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            if image.mode == "RGB":   # already 8-bit RGB: decode in place, no converted copy
+                image.load()
+                return image
+            return to_rgb(image)
+    except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError
+        raise SpecdistillError(f"cannot read image {path} ({type(exc).__name__}: {exc}); "
+                               "replace or delete the file") from None
+
+
+def decode_centre(path: str, size: int) -> np.ndarray:
+    """uint8 [size, size, 3]: the shorter side resized to ``size`` (antialiased bilinear), then the
+    centre crop; the evaluation read of every natural-image path, in memory or streamed."""
+    from torchvision.transforms import functional as TF
+
+    return np.asarray(TF.center_crop(TF.resize(open_rgb(path), size), size), dtype=np.uint8)
+
+
 def _decode(paths: list[str], size: int, desc: str) -> np.ndarray:
     """Decode, resize and centre-crop every image to uint8 [N, size, size, 3], naming any bad file."""
-    from PIL import Image
-    from torchvision import transforms
     from tqdm import tqdm
-
-    shape = transforms.Compose([transforms.Resize(size), transforms.CenterCrop(size)])
-
-    def load(path: str) -> np.ndarray:
-        try:
-            with Image.open(path) as image:
-                return np.asarray(shape(to_rgb(image)), dtype=np.uint8)
-        except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError
-            raise SpecdistillError(f"cannot read image {path} ({type(exc).__name__}: {exc}); "
-                                   "replace or delete the file") from None
 
     out = np.empty((len(paths), size, size, 3), np.uint8)
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        for i, image in enumerate(tqdm(pool.map(load, paths), total=len(paths), desc=desc, leave=False)):
+        for i, image in enumerate(tqdm(pool.map(lambda path: decode_centre(path, size), paths), total=len(paths),
+                                       desc=desc, leave=False)):
             out[i] = image
     return out
 
@@ -175,7 +197,8 @@ def _carve(split: tuple[list[str], np.ndarray], fraction: float, seed: list[int]
     return ([paths[i] for i in kept], labels[kept]), ([paths[i] for i in held], labels[held])
 
 
-def build_imagefolder(cfg: DataConfig, root: Path) -> Dataset:
+def folder_splits(cfg: DataConfig, root: Path) -> tuple[list[str], str, dict[str, tuple[list[str], np.ndarray]]]:
+    """Class names, the layout found, and each split's (image paths, labels); nothing is decoded."""
     layout_dirs = {name: root / name for name in ("train", "val", "test") if (root / name).is_dir()}
     train_dir = layout_dirs.get("train", root)
     classes = _class_list(train_dir, cfg.classes)
@@ -205,13 +228,49 @@ def build_imagefolder(cfg: DataConfig, root: Path) -> Dataset:
         layout = "train/ only: val and test carved from it"
         train, test = _carve(train, cfg.val_fraction, [cfg.data_seed, 1])
         train, val = _carve(train, cfg.val_fraction, [cfg.data_seed, 2])
-    splits = {}
-    for name, (paths, labels) in (("train", train), ("val", val), ("test", test)):
+    for name, (paths, _) in (("train", train), ("val", val), ("test", test)):
         if not paths:
             raise SpecdistillError(f"the {name} split of {root} is empty; add images (layout: {layout})")
-        splits[name] = Split(_decode(paths, cfg.image_size, f"imagefolder {name}"), labels)
+    return classes, layout, {"train": train, "val": val, "test": test}
+
+
+def build_imagefolder(cfg: DataConfig, root: Path) -> Dataset:
+    """Every image decoded once (centre crop) into one in-memory array per split, for the cache."""
+    classes, layout, parts = folder_splits(cfg, root)
+    splits = {name: Split(_decode(paths, cfg.image_size, f"imagefolder {name}"), labels)
+              for name, (paths, labels) in parts.items()}
     meta = {"root": str(root), "layout": layout}
     return Dataset("imagefolder", classes, splits["train"], splits["val"], splits["test"], meta)
+
+
+def stream_imagefolder(cfg: DataConfig, root: Path) -> Dataset:
+    """Each split a lazy :class:`~specdistill.data.stream.FolderImages` over its files: nothing is
+    decoded here and nothing cached; batches are read from the files as they are needed."""
+    from specdistill.data.stream import FolderImages, describe_stream
+
+    classes, layout, parts = folder_splits(cfg, root)
+    splits = {name: Split(FolderImages.of(root, paths, cfg.image_size), labels)
+              for name, (paths, labels) in parts.items()}
+    meta = {"root": str(root), "layout": layout, **describe_stream(cfg, True)}
+    return Dataset("imagefolder", classes, splits["train"], splits["val"], splits["test"], meta)
+
+
+# ``data.stream: auto`` streams a folder whose decoded arrays would take more than this much memory
+STREAM_ABOVE_BYTES = 2 << 30
+
+
+def streams(cfg: DataConfig, root: Path) -> bool:
+    """Whether ``imagefolder`` streams: ``data.stream``, or for ``auto`` the size the decoded arrays
+    would have (every file of the chosen class folders counted as an image of ``image_size``)."""
+    if cfg.stream != "auto":
+        return bool(cfg.stream)
+    if cfg.classes is None:
+        folders = [root]
+    else:
+        bases = [root / name for name in ("train", "val", "test") if (root / name).is_dir()] or [root]
+        folders = [base / name for base in bases for name in cfg.classes]
+    files = sum(len(names) for folder in folders for _, _, names in os.walk(folder))
+    return files * cfg.image_size ** 2 * 3 > STREAM_ABOVE_BYTES
 
 
 @DATA_SOURCES.register("imagefolder")
@@ -223,10 +282,22 @@ def load_imagefolder(cfg: DataConfig, seed: int = 0) -> Dataset:
     if not root.is_dir():
         raise SpecdistillError(f"image folder {root} does not exist; set data.root to a folder of class "
                                "folders (root/<class>/*.jpg or root/train/<class>/*.jpg)")
+    if streams(cfg, root):
+        return stream_imagefolder(cfg, root)
     options = {"source": "imagefolder", "root": str(root), "classes": cfg.classes, "image_size": cfg.image_size,
                "val_fraction": cfg.val_fraction, "data_seed": cfg.data_seed, "files": _fingerprint(root),
                "decoder": DECODER_VERSION}
-    return load_or_build(cfg, "imagefolder", options, lambda: build_imagefolder(cfg, root))
+    dataset = load_or_build(cfg, "imagefolder", options, lambda: build_imagefolder(cfg, root))
+    dataset.meta.update(describe_in_memory(cfg))
+    return dataset
+
+
+def describe_in_memory(cfg: DataConfig) -> dict[str, Any]:
+    """What a natural source held in memory did, for the dataset meta (and so the generalist's)."""
+    from specdistill.data.loading import describe_augment
+
+    return {"stream": False, "decode": f"once: shorter side to {cfg.image_size}, centre crop, cached",
+            "train_augment": describe_augment(cfg, streamed=False)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -270,4 +341,6 @@ def load_cifar100(cfg: DataConfig, seed: int = 0) -> Dataset:
     root = Path(cfg.root).expanduser() if cfg.root else cache_root(cfg) / "cifar100"
     options = {"source": "cifar100", "image_size": cfg.image_size, "val_fraction": cfg.val_fraction,
                "data_seed": cfg.data_seed}
-    return load_or_build(cfg, "cifar100", options, lambda: build_cifar100(cfg, root))
+    dataset = load_or_build(cfg, "cifar100", options, lambda: build_cifar100(cfg, root))
+    dataset.meta.update(describe_in_memory(cfg))
+    return dataset
