@@ -23,7 +23,7 @@ import torch
 
 from specdistill.artifacts import read_json, write_json, write_text
 from specdistill.cli import config_from_args, prepare_run_dir, setup_environment, stage_parser
-from specdistill.config import TRAIN_RUNTIME_KEYS, Config, ModelConfig, StudentLossConfig, stage_hash
+from specdistill.config import NATURAL_SOURCES, TRAIN_RUNTIME_KEYS, Config, ModelConfig, StudentLossConfig, stage_hash
 from specdistill.data import Dataset, load_data
 from specdistill.data.loading import training_batches
 from specdistill.engine import evaluate, fit, resolve_device
@@ -103,8 +103,9 @@ def _run_folder(plan: StudentPlan, teacher_key: str, cfg: Config, data_fingerpri
     schedule, its teacher's targets, the training images (by content) and how they are augmented;
     not where it trains (train.workers), so a checkpoint resumes on another worker count."""
     schedule = cfg.student.train.model_dump(exclude=set(TRAIN_RUNTIME_KEYS))
+    augment = [cfg.data.augment] + ([list(cfg.data.crop_scale)] if cfg.data.source in NATURAL_SOURCES else [])
     key = digest_json([plan.model.model_dump(), plan.loss.model_dump(), schedule,
-                       teacher_key, cfg.seed, data_fingerprint, cfg.data.augment])
+                       teacher_key, cfg.seed, data_fingerprint, *augment])
     return f"{plan.name}-{key}"
 
 

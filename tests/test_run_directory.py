@@ -99,6 +99,10 @@ def test_finding1_the_hard_label_baseline_is_keyed_by_the_data(tmp_path):
     assert _run_folder(plan, "labels", cfg, "data-a") != _run_folder(plan, "labels", cfg, "data-b")
     augmented = cfg.model_copy(update={"data": cfg.data.model_copy(update={"augment": not cfg.data.augment})})
     assert _run_folder(plan, "labels", cfg, "data-a") != _run_folder(plan, "labels", augmented, "data-a")
+    # photographs: the crop range is part of how they are augmented
+    photos = Config(data={"source": "imagefolder", "root": "/data"})
+    cropped = Config(data={"source": "imagefolder", "root": "/data", "crop_scale": [0.35, 1.0]})
+    assert _run_folder(plan, "labels", photos, "data-a") != _run_folder(plan, "labels", cropped, "data-a")
 
 
 def test_finding2_a_run_directory_of_other_data_is_refused_untouched_and_force_finishes(run_copy, tmp_path):
