@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from clustering.cluster import cluster_classes  # noqa: E402
 from clustering.matrices import MATRIX_KINDS  # noqa: E402
 from clustering.predictions import check_dense, check_sparse  # noqa: E402
+from specdistill.predictions import StoredPredictions  # noqa: E402
 from specdistill.rundir import RunDir  # noqa: E402
 from testkit.synthetic_predictions import make_synthetic_predictions  # noqa: E402
 
@@ -148,9 +149,10 @@ def run_dir(args: argparse.Namespace) -> None:
     other half how many of the generalist's errors (true class, predicted class) fall inside one
     group: only those can a specialist fix. A proxy until specialists are trained per matrix."""
     run = RunDir.at(args.path)
-    log_probs = np.load(run.generalist_preds("val"), allow_pickle=False)
+    stored = StoredPredictions.open(run.generalist, "val")   # dense, or top-k (a CSR of the top probabilities)
     labels = np.load(run.generalist_labels("val"), allow_pickle=False)
-    probs, _ = check_dense(log_probs, "preds-val.npy", None, False)
+    probs = (check_dense(stored.dense(), stored.path.name, None, False)[0] if stored.form == "dense"
+             else check_sparse(stored.sparse_probs(), stored.path.name))
     rng = np.random.default_rng(args.seed)
     order = rng.permutation(len(labels))
     halves = [order[: len(order) // 2], order[len(order) // 2:]]
@@ -167,7 +169,7 @@ def run_dir(args: argparse.Namespace) -> None:
             member = np.zeros((len(result.groups), probs.shape[1]), dtype=bool)
             for m, group in enumerate(result.groups):
                 member[m, group] = True
-            predicted = probs[score].argmax(1)
+            predicted = np.asarray(probs[score].argmax(1)).ravel()
             wrong = predicted != labels[score]
             shared = (member[:, labels[score][wrong]] & member[:, predicted[wrong]]).any(0)
             caught.append(shared.mean() if wrong.any() else float("nan"))

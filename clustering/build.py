@@ -17,13 +17,14 @@ import numpy as np
 
 from clustering.cluster import ClusterResult, cluster_classes
 from clustering.plots import groups_figure, matrix_figure, save_figure
-from clustering.predictions import Predictions, load_predictions
+from clustering.predictions import Predictions, is_topk_store, load_predictions
 from specdistill.artifacts import read_json, read_npy
 from specdistill.cli import config_from_args, prepare_run_dir, setup_environment, stage_parser
 from specdistill.config import Config, apply_flags, stage_hash
 from specdistill.errors import SpecdistillError, exit_on_error
 from specdistill.hashing import digest_file
 from specdistill.owner import lock
+from specdistill.predictions import StoredPredictions
 from specdistill.provenance import is_done, mark_done, require_done
 from specdistill.records import Clusters, Group
 from specdistill.rundir import RunDir
@@ -48,7 +49,7 @@ def run_clustering(cfg: Config, *, probs_path: str | Path | None = None,
         if given is not None and Path(given).exists() and not Path(given).is_file():
             raise SpecdistillError(f"{flag} {given} is a folder; pass the file itself"
                                    + (" (N x K predictions, .npy or .npz)" if flag == "--probs" else ""))
-    source = Path(probs_path) if probs_path else run.generalist_preds("val")
+    source = Path(probs_path) if probs_path else _generalist_source(run)
     fingerprint = _fingerprint(source, names_path)
     if not force and is_done(run.root, STAGE, config_hash) and run.clusters.exists():
         done = read_json(run.done(STAGE))
@@ -149,16 +150,27 @@ def _fingerprint(source: Path, names_path: str | Path | None) -> dict:
     def one(path: Path) -> dict | None:
         if not path.exists():
             return None
-        # by content: a copied or moved run directory still matches
-        return {"name": path.name, "bytes": path.stat().st_size, "sha256": digest_file(path)}
+        # by content: a copied or moved run directory still matches (a top-k file's zip entries carry
+        # timestamps, so it is named by its arrays)
+        digest = (StoredPredictions.read_topk(path).content_digest() if is_topk_store(path)
+                  else digest_file(path))
+        return {"name": path.name, "bytes": path.stat().st_size, "sha256": digest}
 
     return {"predictions": one(source), "names": one(Path(names_path)) if names_path else None}
+
+
+def _generalist_source(run: RunDir) -> Path:
+    """The generalist's held-out predictions file: dense, or the top-k form where K is large."""
+    dense, topk = run.generalist_preds("val"), RunDir.topk_preds_in(run.generalist, "val")
+    return topk if topk.exists() and not dense.exists() else dense
 
 
 def _peek_num_classes(source: Path) -> int:
     if not source.exists():
         raise SpecdistillError(f"predictions file {source} not found; run the generalist stage first "
                                "or pass --probs FILE.npy")
+    if is_topk_store(source):
+        return StoredPredictions.read_topk(source).num_classes
     if source.suffix == ".npz":   # scipy.sparse.save_npz stores the shape beside the arrays
         try:
             with np.load(source, allow_pickle=False) as stored:

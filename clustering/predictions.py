@@ -1,5 +1,6 @@
 """Read and check the generalist's held-out predictions: probabilities or log-probabilities, dense
-``.npy`` ([N, K]) or a scipy CSR ``.npz`` holding each row's top-k probabilities.
+``.npy`` ([N, K]), a scipy CSR ``.npz`` holding each row's top-k probabilities, or the generalist's
+own top-k form (``preds-val-topk.npz``, :mod:`specdistill.predictions`).
 
 Everything is checked before the stage writes anything, so bad input costs one clear line and leaves
 the run directory as it was. A dense file is read in row chunks from a memory map, which is what lets
@@ -17,6 +18,7 @@ from tqdm.auto import tqdm
 
 from specdistill.artifacts import read_npy
 from specdistill.errors import SpecdistillError
+from specdistill.predictions import StoredPredictions
 
 ROW_SUM_TOLERANCE = 1e-3        # float32 softmax rows over 15,000 classes sum to one within ~1e-5
 _CHUNK_BYTES = 128 * 2**20
@@ -42,6 +44,9 @@ def load_predictions(path: str | Path, top_k: int | None = None, progress: bool 
     path = Path(path)
     if not path.exists():
         raise SpecdistillError(f"predictions file {path} not found; pass an existing .npy or .npz file")
+    if is_topk_store(path):   # the generalist's top-k form (large K): its top probabilities as CSR
+        store = StoredPredictions.read_topk(path)
+        return Predictions(check_sparse(store.sparse_probs(top_k), str(path)), str(path), True)
     if path.suffix == ".npz":
         try:
             matrix = sp.load_npz(path)
@@ -52,6 +57,18 @@ def load_predictions(path: str | Path, top_k: int | None = None, progress: bool 
     array = read_npy(path, mmap=True)
     probs, was_log = check_dense(array, str(path), top_k, progress)
     return Predictions(probs, str(path), was_log)
+
+
+def is_topk_store(path: str | Path) -> bool:
+    """A top-k predictions file of ``specdistill.predictions`` (not a scipy sparse .npz)."""
+    path = Path(path)
+    if path.suffix != ".npz" or not path.is_file():
+        return False
+    try:
+        with np.load(path, allow_pickle=False) as stored:
+            return {"log_probs", "indices", "residual", "num_classes"} <= set(stored.files)
+    except (ValueError, OSError, EOFError):
+        return False
 
 
 def check_dense(array: np.ndarray, name: str, top_k: int | None = None,

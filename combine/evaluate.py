@@ -3,7 +3,7 @@
 ``python -m combine.evaluate --config X [--run-dir D] [--set combine.top_n=2]`` (or
 ``specdistill combine``) writes ``combine/eval.json``, ``combine/report.md`` with paper tables 3
 and 4 (held-out beside test), ``combine/table4.png`` and ``combine/preds-{val,test}.npy`` (log q of
-the configured combiner).
+the configured combiner; ``preds-*-topk.npz`` where large: ``specdistill/predictions.py``).
 :func:`evaluate_predictions` does all the numbers from arrays, for users with their own models.
 """
 
@@ -26,12 +26,12 @@ from combine.gating import Gate, fit_gate
 from combine.kl import kl_combine
 from combine.metrics import system_metrics, table4, top1_correct
 from combine.report import write_report
-from specdistill.artifacts import read_npy, write_npy
-from specdistill.config import CombineConfig, Config, stage_hash
+from specdistill.config import CombineConfig, Config, GeneralistConfig, stage_hash
 from specdistill.data import Dataset, Split
-from specdistill.engine import resolve_device
+from specdistill.engine import predict_logits, resolve_device
 from specdistill.errors import SpecdistillError, exit_on_error
 from specdistill.formatting import percent
+from specdistill.predictions import StoredPredictions, choose_form, write_predictions
 from specdistill.provenance import is_done, mark_done, require_done
 from specdistill.records import CombineResult, SplitEvaluation
 from specdistill.rundir import SPLITS, RunDir
@@ -156,7 +156,7 @@ def run_combine(cfg: Config, force: bool = False) -> CombineResult:
                            solver=cfg.combine.solver, ensemble=ensemble_system(cfg.combine),
                            splits=evaluations, specialist_ids=ensemble.ids,
                            gate=asdict(ensemble.gate) if ensemble.gate.kind != "none" else None)
-    write_combine(run, result, predictions, ensemble)
+    write_combine(run, result, predictions, ensemble, cfg.generalist)
     mark_done(run.root, "combine", config_hash)
     for line in summary_lines(result):
         print("combine: " + line)
@@ -183,9 +183,15 @@ def load_ensemble_and_data(cfg: Config, run: RunDir) -> tuple[Ensemble, Dataset]
 
 
 def calibrate(ensemble: Ensemble, run: RunDir, data: Dataset, rule: CombineConfig) -> Calibration:
-    """Temperatures on the held-out split, from the generalist's stored held-out predictions."""
-    val_gen = torch.log_softmax(torch.as_tensor(np.asarray(read_npy(run.generalist_preds("val"))),
-                                                dtype=torch.float32), dim=1)
+    """Temperatures on the held-out split, from the generalist's stored held-out predictions (where
+    they are stored whole; the top-k form of a large K keeps only each row's top classes, so then from
+    the generalist's own forward pass)."""
+    stored = StoredPredictions.open(run.generalist, "val")
+    if stored.form == "dense":
+        val_gen = torch.log_softmax(torch.as_tensor(stored.dense(), dtype=torch.float32), dim=1)
+    else:
+        val_gen = torch.log_softmax(predict_logits(ensemble.generalist, data.val.images, ensemble.batch_size,
+                                                   ensemble.device), dim=1)
     calibration = fit_calibration(ensemble, val_gen, data.val.images, data.val.labels, rule.top_n)
     taus = np.array(calibration.specialists)
     print(f"combine: temperatures on held-out data: generalist {calibration.generalist:.2f}, specialists "
@@ -212,17 +218,21 @@ def run_models(ensemble: Ensemble, split: Split, rule: CombineConfig
 
 
 def write_combine(run: RunDir, result: CombineResult, predictions: dict[str, torch.Tensor],
-                  ensemble: Ensemble) -> None:
+                  ensemble: Ensemble, gcfg: GeneralistConfig | None = None) -> None:
     """Every file of the stage but done.json: calibration and gate (what the student's teacher applies),
-    the ensemble's predictions, eval.json, the report."""
+    the ensemble's predictions (stored as ``gcfg``'s predictions options say), eval.json, the report."""
+    gcfg = gcfg or GeneralistConfig()
     for path, record, used in ((run.calibration, ensemble.calibration, ensemble.calibration.split != "none"),
                                (run.gating, ensemble.gate, ensemble.gate.kind != "none")):
         if used:
             record.write(path)
         else:
             path.unlink(missing_ok=True)   # a previous run's choice must not outlive it
-    for split, log_q in predictions.items():
-        write_npy(run.combine_preds(split), log_q.float().numpy())
+    for split, log_q in predictions.items():   # dense where small, else each row's top-k (specdistill.predictions)
+        n, num_classes = log_q.shape
+        form = choose_form(gcfg, {split: n}, num_classes)
+        write_predictions(run.combine, split, (log_q[i:i + 4096].float().numpy() for i in range(0, n, 4096)),
+                          n, num_classes, form, gcfg.predictions_top_k)
     result.write(run.combine_eval)
     write_report(run, result)
 

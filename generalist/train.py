@@ -5,7 +5,8 @@ later stages read.
 
 Writes ``<run>/generalist/``: ``model.safetensors``, ``meta.json`` (architecture, classes, metrics),
 ``preds-val.npy`` / ``preds-test.npy`` (log-probabilities: held-out feeds clustering, test feeds
-the final evaluation), ``labels-*.npy``, ``class-examples.npy`` (one held-out image per class, for
+the final evaluation; ``preds-*-topk.npz`` instead where K is large: ``specdistill/predictions.py``),
+``labels-*.npy``, ``class-examples.npy`` (one held-out image per class, for
 pictures), ``metrics.jsonl`` and ``done.json``.
 """
 
@@ -25,9 +26,10 @@ from specdistill.cli import config_from_args, prepare_run_dir, setup_environment
 from specdistill.config import Config, ModelConfig, stage_hash
 from specdistill.data import Dataset, load_data
 from specdistill.data.loading import training_batches
-from specdistill.engine import evaluate, fit, predict_log_probs, resolve_device
+from specdistill.engine import evaluate, fit, resolve_device
 from specdistill.errors import exit_on_error
 from specdistill.models import Classifier, build_model, count_flops, save_classifier
+from specdistill.predictions import choose_form, model_batches, write_predictions
 from specdistill.provenance import is_done, mark_done
 from specdistill.rundir import SPLITS, RunDir
 
@@ -57,6 +59,7 @@ def train_generalist(cfg: Config, out_dir: str | Path, seed: int | None = None,
     device = resolve_device(cfg.device)
     torch.manual_seed(seed)
     gcfg = cfg.generalist
+    stored_form(cfg, dataset)   # a dense request that would not fit is refused before training
     model = build_model(gcfg.model, dataset.num_classes, dataset.channels, dataset.image_size)
     loader, augment = training_batches(dataset.train, cfg.data, gcfg.train.batch_size, seed, device=device)
     started = time.perf_counter()
@@ -75,6 +78,7 @@ def write_generalist(cfg: Config, out: Path, model: Classifier, dataset: Dataset
     """Evaluate ``model`` on held-out and test data and write every artifact later stages read
     (trained here or imported: ``generalist/importing.py``); returns the meta."""
     batch = cfg.generalist.train.eval_batch_size
+    form = stored_form(cfg, dataset)
     model.to(device)
     val = evaluate(model, dataset.val, batch, device)
     test = evaluate(model, dataset.test, batch, device)
@@ -94,12 +98,19 @@ def write_generalist(cfg: Config, out: Path, model: Classifier, dataset: Dataset
     model.to(device)
     for split in SPLITS:
         part = dataset.split(split)
-        write_npy(RunDir.preds_in(out, split), predict_log_probs(model, part.images, batch, device))
+        write_predictions(out, split, model_batches(model, part.images, batch, device), len(part),
+                          dataset.num_classes, form, cfg.generalist.predictions_top_k)
         write_npy(RunDir.labels_in(out, split), part.labels)
     write_npy(RunDir.class_examples_in(out), class_examples(dataset))
     save_classifier(RunDir.weights_in(out), model.cpu(), meta)
     write_json(RunDir.meta_in(out), meta)
     return meta
+
+
+def stored_form(cfg: Config, dataset: Dataset) -> str:
+    """How the held-out and test predictions are stored (``specdistill.predictions``): dense or top-k."""
+    sizes = {split: len(dataset.split(split)) for split in SPLITS}
+    return choose_form(cfg.generalist, sizes, dataset.num_classes)
 
 
 def _small(value: Any) -> bool:
@@ -121,9 +132,12 @@ def run_generalist(cfg: Config, force: bool = False, progress: bool = True) -> d
                   f"test accuracy {meta['metrics']['test_acc']:.4f}. Use --force to redo it.")
             return meta
         print(f"generalist: {cfg.generalist.weights} changed since it was imported; importing it again")
+    dataset = load_data(cfg.data, cfg.seed)
+    stored_form(cfg, dataset)   # a dense request that would not fit stops here, before anything changes
     if force or run.done("generalist").exists():  # a finished stage from another config: start over
         shutil.rmtree(out, ignore_errors=True)
-    meta = import_generalist(cfg, out) if importing else train_generalist(cfg, out, progress=progress)
+    meta = (import_generalist(cfg, out, dataset) if importing
+            else train_generalist(cfg, out, dataset=dataset, progress=progress))
     mark_done(run.root, "generalist", digest, test_acc=meta["metrics"]["test_acc"])
     m = meta["metrics"]
     how = f"imported {meta['model']['name']} from {meta['imported']['weights']}" if importing else "trained"

@@ -54,6 +54,9 @@ class DataConfig(_Section):
     loader_workers: int | None = Field(None, ge=0)
     # keep at most this many examples per split (tests, smoke runs); None = all
     limit: int | None = Field(None, ge=1)
+    # keep at most this many held-out and test examples, the training split whole (large K: every
+    # held-out choice and the reported numbers on a sample); None = all
+    eval_limit: int | None = Field(None, ge=1)
     # seeds rendering jitter, synthetic prototypes and carved-out held-out splits; apart from the
     # experiment seed so that every model of an experiment (e.g. teachers of several seeds) sees the
     # same data and the same splits
@@ -117,6 +120,12 @@ class GeneralistConfig(_Section):
     # saved with torch.save, a safetensors file, or a timm / torchvision checkpoint dict, for the
     # architecture model.name; model.pretrained=true imports the library's own weights instead
     weights: str | None = None
+    # how the held-out and test predictions are stored (specdistill/predictions.py): dense float32
+    # [N, K] log-probabilities, or each row's top predictions_top_k and the residual mass (grows with
+    # N x top_k, not N x K); auto = dense while one split's file stays within dense_predictions_limit_mb
+    predictions: Literal["auto", "dense", "topk"] = "auto"
+    predictions_top_k: int = Field(64, ge=1)
+    dense_predictions_limit_mb: float = Field(1024.0, gt=0.0)
 
 
 class ClusteringConfig(_Section):
@@ -280,7 +289,11 @@ TRAIN_RUNTIME_KEYS = frozenset({"workers", "use_gpu"})
 
 # Keys added after run-directory format 2 whose default changes nothing: left out of the hash while
 # at that default, so run directories finished before they existed stay finished.
-_NEUTRAL_DEFAULTS: dict[str, Any] = {"mean": None, "std": None, "weights": None}
+_NEUTRAL_DEFAULTS: dict[str, Any] = {"mean": None, "std": None, "weights": None,
+                                     # stored predictions: dense as before wherever they are small
+                                     "predictions": "auto", "predictions_top_k": 64,
+                                     "dense_predictions_limit_mb": 1024.0,
+                                     "eval_limit": None}
 # data options only natural-image sources read; their recipe changed with them (crop + flip instead
 # of the glyph jitter), so for those sources they stay in the hash and older runs are redone
 _NATURAL_ONLY: dict[str, Any] = {"crop_scale": [0.08, 1.0], "stream": "auto"}

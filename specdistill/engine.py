@@ -115,11 +115,28 @@ def predict_log_probs(model: nn.Module, images: np.ndarray | torch.Tensor, batch
     return torch.log_softmax(predict_logits(model, images, batch_size, device, progress), dim=1).numpy()
 
 
+_EVALUATE_WHOLE_BYTES = 256 * 2**20   # above this, [N, K] logits are never held whole (K = 15,000)
+
+
 def evaluate(model: nn.Module, split: Split, batch_size: int = 512, device=None) -> dict[str, float]:
+    n, num_classes = len(split.labels), int(getattr(model, "num_classes", 0) or 0)
+    if 4 * n * num_classes > _EVALUATE_WHOLE_BYTES:
+        return _evaluate_in_blocks(model, split, batch_size, device)
     logits = predict_logits(model, split.images, batch_size, device)
     labels = torch.as_tensor(split.labels)
     return {"loss": float(F.cross_entropy(logits, labels)) if len(labels) else float("nan"),
             "acc": float((logits.argmax(1) == labels).float().mean()) if len(labels) else float("nan")}
+
+
+def _evaluate_in_blocks(model: nn.Module, split: Split, batch_size: int, device) -> dict[str, float]:
+    """As :func:`evaluate`, a block of rows at a time (the loss summed in float64)."""
+    loss, correct, n = 0.0, 0, len(split.labels)
+    for start in range(0, n, batch_size):
+        logits = predict_logits(model, split.images[start:start + batch_size], batch_size, device)
+        labels = torch.as_tensor(split.labels[start:start + batch_size])
+        loss += float(F.cross_entropy(logits, labels, reduction="sum"))
+        correct += int((logits.argmax(1) == labels).sum())
+    return {"loss": loss / n, "acc": correct / n}
 
 
 def _interactive() -> bool:

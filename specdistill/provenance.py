@@ -91,8 +91,17 @@ def generalist_identity(folder: Path) -> str:
     parts = {"weights": _tensors_digest(weights) if weights.exists() else None}
     for split in SPLITS:
         parts[f"preds-{split}"] = _optional_file(RunDir.preds_in(folder, split))
+        topk = RunDir.topk_preds_in(folder, split)
+        if topk.exists():   # large K: the top-k form instead (absent from the identity where it is absent)
+            parts[f"preds-{split}-topk"] = _remembered(topk, "topk", lambda path=topk: _read(_topk_digest, path))
         parts[f"labels-{split}"] = _optional_file(RunDir.labels_in(folder, split))
     return digest_json(parts)
+
+
+def _topk_digest(path: Path) -> str:
+    from specdistill.predictions import StoredPredictions
+
+    return StoredPredictions.read_topk(path).content_digest()
 
 
 def _read(reader, *args):

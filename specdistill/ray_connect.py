@@ -42,6 +42,8 @@ def connect_ray(address: str | None = None, dashboard: bool = False) -> bool:
     """
     if ray.is_initialized():
         return False
+    if address is None and os.environ.get("RAY_ADDRESS") == "local":   # Ray's own word for "start one here"
+        address = "local"
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     quiet = {"logging_level": logging.WARNING, "log_to_driver": True}
     target = address if address not in (None, "local", "auto") else os.environ.get("RAY_ADDRESS")

@@ -90,6 +90,12 @@ class RunDir:
         return folder / f"preds-{_split(split)}.npy"
 
     @staticmethod
+    def topk_preds_in(folder: Path, split: str) -> Path:
+        """The same predictions in top-k form (large K): each row's top log-probabilities, their class
+        ids and the residual mass (``specdistill.predictions``); a folder holds one form or the other."""
+        return folder / f"preds-{_split(split)}-topk.npz"
+
+    @staticmethod
     def labels_in(folder: Path, split: str) -> Path:
         """A generalist folder's labels of a split, row for row with its predictions."""
         return folder / f"labels-{_split(split)}.npy"
@@ -169,6 +175,10 @@ class RunDir:
 
     def combine_preds(self, split: str) -> Path:
         return self.combine / f"preds-{_split(split)}.npy"
+
+    def combine_topk_preds(self, split: str) -> Path:
+        """The ensemble's predictions in top-k form, written instead of :meth:`combine_preds` when large."""
+        return self.topk_preds_in(self.combine, split)
 
     @property
     def calibration(self) -> Path:

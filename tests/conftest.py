@@ -5,6 +5,9 @@ import pytest
 import torch
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# every test (and every command it runs) starts its own embedded Ray unless it names a cluster: never
+# join one that happens to run on this machine (a developer's, `make cluster-test`'s)
+os.environ.setdefault("RAY_ADDRESS", "local")
 torch.set_num_threads(2)
 
 

@@ -86,6 +86,13 @@ def load_data(cfg: DataConfig, seed: int = 0) -> Dataset:
             if len(split) > cfg.limit:
                 keep = np.sort(rng.choice(len(split), cfg.limit, replace=False))
                 setattr(dataset, name, split.subset(keep))
+    if cfg.eval_limit is not None:   # fewer held-out and test examples only (a large K's evaluation)
+        rng = np.random.default_rng([cfg.data_seed, 1])
+        for name in ("val", "test"):
+            split = dataset.split(name)
+            if len(split) > cfg.eval_limit:
+                keep = np.sort(rng.choice(len(split), cfg.eval_limit, replace=False))
+                setattr(dataset, name, split.subset(keep))
     return dataset
 
 
