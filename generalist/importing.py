@@ -102,7 +102,7 @@ def imagenet_rows(class_names: list[str], head_rows: int) -> list[int] | None:
     return [index[name] for name in class_names] if all(name in index for name in class_names) else None
 
 
-def _library_net(cfg: Config) -> tuple[nn.Module | None, dict[str, torch.Tensor] | None]:
+def library_net(cfg: Config) -> tuple[nn.Module | None, dict[str, torch.Tensor] | None]:
     """The architecture with its weights loaded (the library's if ``pretrained``, else the user's;
     its head as the weights have it), or ``(None, state)`` for a project architecture. Needs no data,
     so bad weights stop before any image is read."""
@@ -139,7 +139,7 @@ def _load(net: nn.Module, state: dict[str, torch.Tensor], cfg: Config) -> None:
 
 
 def imported_classifier(cfg: Config, dataset: Dataset, loaded: tuple) -> tuple[Classifier, dict[str, Any]]:
-    """The user's model (``loaded`` by :func:`_library_net`) as a Classifier over ``dataset``'s
+    """The user's model (``loaded`` by :func:`library_net`) as a Classifier over ``dataset``'s
     classes, and what to record about it."""
     mcfg, k = cfg.generalist.model, dataset.num_classes
     net, state = loaded
@@ -196,12 +196,14 @@ def weights_digest(cfg: Config) -> str | None:
     return digest_file(Path(cfg.generalist.weights).expanduser()) if cfg.generalist.weights else None
 
 
-def import_generalist(cfg: Config, out_dir: str | Path, dataset: Dataset | None = None) -> dict[str, Any]:
-    """Import, evaluate on held-out and test data, and write the generalist's artifacts to ``out_dir``."""
+def import_generalist(cfg: Config, out_dir: str | Path, dataset: Dataset | None = None,
+                      loaded: tuple | None = None) -> dict[str, Any]:
+    """Import, evaluate on held-out and test data, and write the generalist's artifacts to ``out_dir``
+    (``loaded``: what :func:`library_net` returned, when the caller checked the weights already)."""
     from generalist.train import write_generalist
 
     started = time.perf_counter()
-    loaded = _library_net(cfg)
+    loaded = loaded or library_net(cfg)
     dataset = dataset or load_data(cfg.data, cfg.seed)
     model, source = imported_classifier(cfg, dataset, loaded)
     source["sha256"] = weights_digest(cfg)

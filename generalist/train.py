@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from generalist.importing import import_generalist, imports, weights_digest
+from generalist.importing import import_generalist, imports, library_net, weights_digest
 from specdistill.artifacts import read_json, write_json, write_npy
 from specdistill.cli import config_from_args, prepare_run_dir, setup_environment, stage_parser
 from specdistill.config import Config, ModelConfig, stage_hash
@@ -132,11 +132,12 @@ def run_generalist(cfg: Config, force: bool = False, progress: bool = True) -> d
                   f"test accuracy {meta['metrics']['test_acc']:.4f}. Use --force to redo it.")
             return meta
         print(f"generalist: {cfg.generalist.weights} changed since it was imported; importing it again")
+    loaded = library_net(cfg) if importing else None   # bad weights stop before any image is read
     dataset = load_data(cfg.data, cfg.seed)
     stored_form(cfg, dataset)   # a dense request that would not fit stops here, before anything changes
     if force or run.done("generalist").exists():  # a finished stage from another config: start over
         shutil.rmtree(out, ignore_errors=True)
-    meta = (import_generalist(cfg, out, dataset) if importing
+    meta = (import_generalist(cfg, out, dataset, loaded) if importing
             else train_generalist(cfg, out, dataset=dataset, progress=progress))
     mark_done(run.root, "generalist", digest, test_acc=meta["metrics"]["test_acc"])
     m = meta["metrics"]
