@@ -80,7 +80,7 @@ def run_clustering(cfg: Config, *, probs_path: str | Path | None = None,
 
     result = cluster_classes(preds.probs, ccfg.k, matrix=ccfg.matrix, backend=ccfg.backend, seed=seed,
                              n_init=ccfg.n_init, max_iter=ccfg.max_iter, sketch_dim=sketch_dim,
-                             size=ccfg.size, min_size=ccfg.min_size, progress=progress)
+                             size=ccfg.size, min_size=ccfg.min_size, max_size=ccfg.max_size, progress=progress)
     t0 = time.perf_counter()
     figures = {
         "covariance": matrix_figure(result.matrix, result.cores, class_names, seed=seed),
@@ -99,7 +99,7 @@ def run_clustering(cfg: Config, *, probs_path: str | Path | None = None,
     timings = {"load_s": load_s, **result.timings, "plots_s": plots_s,
                "total_s": time.perf_counter() - began}
     params = {"k": ccfg.k, "backend": ccfg.backend, "matrix": ccfg.matrix, "size": ccfg.size,
-              "min_size": ccfg.min_size, "top_k": top_k, "sketch_dim": sketch_dim, "seed": seed,
+              "min_size": ccfg.min_size, "max_size": ccfg.max_size, "top_k": top_k, "sketch_dim": sketch_dim, "seed": seed,
               "n_init": ccfg.n_init, "max_iter": ccfg.max_iter}
     clusters = clusters_json(result, class_names, preds, params, timings)
     clusters.write(run.clusters)
@@ -123,11 +123,16 @@ def clusters_json(result: ClusterResult, class_names: list[str], preds: Predicti
                   "log_probabilities": preds.was_log,
                   "path": "top-k + sketch" if params["sketch_dim"] else "exact"},
         "kmeans": {"inertia": result.inertia, "clusters": len(result.cores) + result.dropped,
-                   "dropped_small": result.dropped},
+                   "dropped_small": result.dropped, "dropped_large": result.dropped_large},
         "coverage": result.coverage,
         "timings": {key: round(value, 3) for key, value in timings.items()},
     }
     return Clusters(preds.num_classes, list(class_names), groups, details)
+
+
+def _large(details: dict) -> str:
+    n = details["kmeans"].get("dropped_large", 0)
+    return f", {n} larger than max_size={details['params']['max_size']} left to the generalist" if n else ""
 
 
 def _print_summary(clusters: Clusters, run: RunDir) -> None:
@@ -136,7 +141,7 @@ def _print_summary(clusters: Clusters, run: RunDir) -> None:
     hist = ", ".join(f"{n}: {c}" for n, c in cov["histogram"].items())
     print(f"clustering: {len(clusters.groups)} groups of {sizes['min']}-{sizes['max']} classes "
           f"(mean {sizes['mean']:.1f}; {d['kmeans']['dropped_small']} smaller than min_size "
-          f"dropped) over {clusters.num_classes} classes, matrix={d['matrix']}, "
+          f"dropped{_large(d)}) over {clusters.num_classes} classes, matrix={d['matrix']}, "
           f"{d['timings']['total_s']:.1f}s")
     print(f"clustering: classes covered by n groups -> {hist}")
     figures = ", ".join(run.clustering_figure(name).name for name in ("covariance", "groups"))
@@ -232,6 +237,8 @@ def _parser() -> argparse.ArgumentParser:
                                          "combination, e.g. correlation+offdiag+normalized")
     parser.add_argument("--size", help="grow every group to this many classes (overlapping groups)")
     parser.add_argument("--min-size", help="drop k-means groups with fewer classes than this")
+    parser.add_argument("--max-size", help="drop k-means groups with more classes than this (they stay with the "
+                        "generalist: a giant group is the classes it never confuses)")
     parser.add_argument("--top-k", help="keep each row's top-k probabilities (sparse path)")
     parser.add_argument("--sketch-dim", help="cluster a Gaussian sketch of this many dimensions")
     parser.add_argument("--seed", help="k-means seed (default: the experiment seed)")
@@ -239,7 +246,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 _FLAG_KEYS = {"k": "k", "backend": "backend", "matrix": "matrix", "size": "size", "min_size": "min_size",
-              "top_k": "top_k", "sketch_dim": "sketch_dim", "seed": "seed"}
+              "max_size": "max_size", "top_k": "top_k", "sketch_dim": "sketch_dim", "seed": "seed"}
 
 
 @exit_on_error

@@ -14,7 +14,7 @@ import scipy.sparse as sp
 
 from clustering.kmeans import run_kmeans
 from clustering.matrices import DEFAULT_MATRIX, PredictionMatrix
-from clustering.overlap import coverage, drop_small, groups_from_labels, grow_groups
+from clustering.overlap import coverage, drop_large, drop_small, groups_from_labels, grow_groups
 from clustering.sketch import class_points
 from specdistill.errors import SpecdistillError
 
@@ -30,16 +30,17 @@ class ClusterResult:
     matrix: PredictionMatrix        # for pictures: exact columns on demand
     points: np.ndarray              # [K, D] what k-means clustered
     timings: dict = field(default_factory=dict)
+    dropped_large: int = 0          # k-means clusters larger than max_size (their classes stay with the generalist)
 
 
 def cluster_classes(probs: np.ndarray | sp.csr_matrix, k: int, *, matrix: str = DEFAULT_MATRIX,
                     backend: str = "faiss", seed: int = 0, n_init: int = 5, max_iter: int = 100,
                     sketch_dim: int | None = None, size: int | None = None, min_size: int = 1,
-                    progress: bool = True) -> ClusterResult:
+                    max_size: int | None = None, progress: bool = True) -> ClusterResult:
     """Group the K classes of ``probs`` ([N, K] probabilities, dense or CSR) into confusable groups.
 
     ``k`` clusters of the columns of the chosen matrix (``matrices.MATRIX_KINDS``); clusters smaller
-    than ``min_size`` are dropped; with ``size`` every group is grown to that many classes, adding
+    than ``min_size`` or larger than ``max_size`` are dropped; with ``size`` every group is grown to that many classes, adding
     the classes with the largest summed covariance with its members. Growing uses the plain
     covariance whatever ``matrix`` is: co-predicted probability mass is what a specialist has to sort
     out, while correlation would favour rare classes whose tiny variance inflates every correlation.
@@ -67,10 +68,14 @@ def cluster_classes(probs: np.ndarray | sp.csr_matrix, k: int, *, matrix: str = 
     if not cores:
         raise SpecdistillError(f"every one of the {len(clusters)} groups has fewer than min_size={min_size} "
                                "classes; lower --min-size or --k")
+    cores, dropped_large = drop_large(cores, max_size)
+    if not cores:
+        raise SpecdistillError(f"every group left has more than max_size={max_size} classes; raise "
+                               "clustering.max_size (or leave it unset) or raise --k")
     groups = cores
     if size is not None:
         groups = grow_groups(cores, size, operator.cov_matmul, num_classes, progress=progress)
     timings["overlap_s"] = time.perf_counter() - began
-    return ClusterResult(groups=groups, cores=cores, labels=result.labels, dropped=dropped,
+    return ClusterResult(groups=groups, cores=cores, labels=result.labels, dropped=dropped, dropped_large=dropped_large,
                          coverage=coverage(groups, num_classes), inertia=result.inertia,
                          matrix=operator, points=points, timings=timings)

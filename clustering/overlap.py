@@ -33,6 +33,15 @@ def drop_small(groups: list[np.ndarray], min_size: int) -> tuple[list[np.ndarray
     return kept, len(groups) - len(kept)
 
 
+def drop_large(groups: list[np.ndarray], max_size: int | None) -> tuple[list[np.ndarray], int]:
+    """Keep groups of at most ``max_size`` classes (all when None): a giant k-means group is the
+    classes without confusion signal, not a confusable set; they stay with the generalist."""
+    if max_size is None:
+        return groups, 0
+    kept = [g for g in groups if len(g) <= max_size]
+    return kept, len(groups) - len(kept)
+
+
 def grow_groups(groups: list[np.ndarray], size: int, matmul: MatmulFn, num_classes: int,
                 batch: int = 64, progress: bool = True) -> list[np.ndarray]:
     """Add to each group smaller than ``size`` the non-member classes whose summed ``matmul`` entries

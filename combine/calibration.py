@@ -23,11 +23,10 @@ import numpy as np
 import torch
 
 from specdistill.artifacts import read_json, write_json
-from specdistill.data import take
 from specdistill.errors import SpecdistillError
 
 if TYPE_CHECKING:
-    from combine.ensemble import Ensemble
+    from combine.outputs import SplitOutputs
 
 # temperatures tried: 0.25 ... 8, log-spaced; the NLL is smooth in tau, a fine grid is exact enough
 GRID = torch.logspace(np.log10(0.25), np.log10(8.0), 97)
@@ -60,34 +59,49 @@ class Calibration:
         return cls(float(raw.get("generalist", 1.0)), [float(t) for t in found], str(raw.get("split", "val")))
 
 
+def temperature_nll_sums(log_probs: torch.Tensor, labels: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """[len(GRID)] the summed NLL of ``log_softmax(log_probs / tau)`` for every tau of GRID (add chunks up)."""
+    labels = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+    lp = torch.as_tensor(log_probs, dtype=torch.float32).cpu()
+    if len(labels) == 0:
+        return torch.zeros(len(GRID), dtype=torch.float64)
+    return torch.stack([torch.nn.functional.nll_loss(torch.log_softmax(lp / tau, dim=1), labels, reduction="sum")
+                        for tau in GRID]).double()
+
+
+def best_temperature(nll_sums: torch.Tensor, count: int) -> float:
+    """The tau of GRID with the least NLL; 1.0 with no examples."""
+    return float(GRID[int(torch.argmin(nll_sums))]) if count else 1.0
+
+
 def fit_temperature(log_probs: torch.Tensor, labels: torch.Tensor | np.ndarray) -> float:
     """The tau in GRID minimising the mean NLL of ``log_softmax(log_probs / tau)``; 1.0 with no examples."""
-    labels = torch.as_tensor(np.asarray(labels), dtype=torch.long)
-    if len(labels) == 0:
-        return 1.0
-    lp = torch.as_tensor(log_probs, dtype=torch.float32).cpu()
-    nll = torch.stack([torch.nn.functional.nll_loss(torch.log_softmax(lp / tau, dim=1), labels) for tau in GRID])
-    return float(GRID[int(torch.argmin(nll))])
+    return best_temperature(temperature_nll_sums(log_probs, labels), len(labels))
 
 
 def apply_temperature(log_probs: torch.Tensor, tau: float) -> torch.Tensor:
     return log_probs if tau == 1.0 else torch.log_softmax(log_probs / tau, dim=1)
 
 
-def fit_calibration(ensemble: Ensemble, val_gen_log_probs: torch.Tensor, val_images: np.ndarray,
-                    val_labels: np.ndarray, top_n: int) -> Calibration:
-    """Temperatures on the held-out split: the generalist on every example, each specialist on the
-    examples where it would be active, with the labels folded onto its group and dustbin."""
+def fit_calibration(outputs: SplitOutputs, top_n: int) -> Calibration:
+    """Temperatures on the held-out split's outputs (:class:`combine.outputs.SplitOutputs`): the
+    generalist on every example (a chunk of rows at a time), each specialist on the examples where it
+    would be active, with the labels folded onto its group and dustbin."""
     from specialists.sampler import fold_labels
 
-    before, ensemble.calibration = ensemble.calibration, Calibration.identity(len(ensemble))
+    before, outputs.calibration = outputs.calibration, Calibration.identity(len(outputs.groups))
     try:
-        active = ensemble.active(val_gen_log_probs, top_n)
+        sums = torch.zeros(len(GRID), dtype=torch.float64)
+        for c in outputs.chunks("calibration, held-out"):
+            sums += temperature_nll_sums(c.gen, c.labels)
+        active = outputs.active(top_n)
+        labels = outputs.labels.numpy()
         taus = []
-        for m, group in enumerate(ensemble.groups):
-            hit = active[:, m].numpy()
-            taus.append(fit_temperature(ensemble.specialist_log_probs(m, take(val_images, hit)),
-                                        fold_labels(val_labels[hit], group.numpy())) if hit.any() else 1.0)
-        return Calibration(fit_temperature(val_gen_log_probs, val_labels), taus, "val")
+        for m, group in enumerate(outputs.groups):
+            rows = active[:, m].nonzero().squeeze(1)
+            taus.append(fit_temperature(outputs.specialist_rows(m, rows), fold_labels(labels[rows.numpy()],
+                                                                                      group.numpy()))
+                        if len(rows) else 1.0)
+        return Calibration(best_temperature(sums, len(outputs)), taus, "val")
     finally:
-        ensemble.calibration = before
+        outputs.calibration = before

@@ -32,11 +32,11 @@ def _folded_generalist(gen_log_probs: torch.Tensor, group: torch.Tensor) -> torc
     return torch.cat([inside, outside[:, None]], dim=1)
 
 
-def table4_causes(gen_log_probs: torch.Tensor, combined_log_probs: torch.Tensor, labels: torch.Tensor,
+def change_causes(gen_log_probs: torch.Tensor, combined_log_probs: torch.Tensor, labels: torch.Tensor,
                   groups: Sequence[torch.Tensor], spec_log_probs: Sequence[torch.Tensor], active: torch.Tensor,
-                  covering: torch.Tensor, num_core: Sequence[int] | None = None, last: int = 10) -> list[dict]:
-    """Rows by the number of specialists covering the true class (as :func:`combine.metrics.table4`):
-    broken and fixed counts, and how many of each a specialist of each kind caused."""
+                  num_core: Sequence[int] | None = None) -> torch.Tensor:
+    """[B] for each example whose top-1 the ensemble changed, the kind (index into :data:`KINDS`) of
+    the specialist that caused it; -1 where nothing changed or no specialist was active."""
     gen, labels = gen_log_probs.double(), labels.long()
     gen_right, ens_right = gen.argmax(1) == labels, combined_log_probs.argmax(1) == labels
     changed = gen_right != ens_right
@@ -58,6 +58,13 @@ def table4_causes(gen_log_probs: torch.Tensor, combined_log_probs: torch.Tensor,
         better = torch.isnan(best_effect[rows]) | (effect < best_effect[rows])
         best_effect[rows[better]] = effect[better]
         best_kind[rows[better]] = kind[better]
+    return best_kind
+
+
+def causes_by_coverage(gen_right: torch.Tensor, ens_right: torch.Tensor, best_kind: torch.Tensor,
+                       covering: torch.Tensor, last: int = 10) -> list[dict]:
+    """Rows by the number of specialists covering the true class (as :func:`combine.metrics.table4`):
+    broken and fixed counts, and how many of each a specialist of each kind caused."""
     bucket_of = covering.clamp(max=last)
     out = []
     for b in range(int(bucket_of.max()) + 1 if len(bucket_of) else 0):
@@ -69,3 +76,13 @@ def table4_causes(gen_log_probs: torch.Tensor, combined_log_probs: torch.Tensor,
             row[f"{name}_by"]["none active"] = int((mask & (best_kind < 0)).sum())
         out.append(row)
     return out
+
+
+def table4_causes(gen_log_probs: torch.Tensor, combined_log_probs: torch.Tensor, labels: torch.Tensor,
+                  groups: Sequence[torch.Tensor], spec_log_probs: Sequence[torch.Tensor], active: torch.Tensor,
+                  covering: torch.Tensor, num_core: Sequence[int] | None = None, last: int = 10) -> list[dict]:
+    """:func:`causes_by_coverage` of :func:`change_causes`, for outputs held whole."""
+    labels = labels.long()
+    kinds = change_causes(gen_log_probs, combined_log_probs, labels, groups, spec_log_probs, active, num_core)
+    return causes_by_coverage(gen_log_probs.argmax(1) == labels, combined_log_probs.argmax(1) == labels,
+                              kinds, covering, last)

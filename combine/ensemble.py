@@ -90,6 +90,11 @@ class Ensemble:
         return specialist_log_probs(self.specialists[m], images, self.infos[m].dustbin_correction,
                                     self.batch_size, self.device, self.calibration.specialists[m]).cpu()
 
+    def raw_specialist_log_probs(self, m: int, images: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """As :meth:`specialist_log_probs` without the calibration (the combine stage fits it on these)."""
+        return specialist_log_probs(self.specialists[m], images, self.infos[m].dustbin_correction,
+                                    self.batch_size, self.device).cpu()
+
     def specialist_outputs(self, images: np.ndarray, active: torch.Tensor) -> list[torch.Tensor]:
         """Each specialist's [B, |S_m| + 1] rows where ``active[:, m]``; rows it skips are zeros, never read."""
         outputs = []

@@ -10,28 +10,30 @@ the configured combiner; ``preds-*-topk.npz`` where large: ``specdistill/predict
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from typing import Any
 
 import numpy as np
 import torch
 
-from combine.activation import active_specialists, coverage
+from combine.activation import coverage
 from combine.baselines import average_of_distributions, product_of_experts
 from combine.calibration import Calibration, fit_calibration
-from combine.diagnose import table4_causes
+from combine.diagnose import causes_by_coverage, change_causes
 from combine.ensemble import Ensemble
 from combine.gating import Gate, fit_gate
+from combine.inputs import check_inputs
 from combine.kl import kl_combine
-from combine.metrics import system_metrics, table4, top1_correct
-from combine.report import write_report
-from specdistill.config import CombineConfig, Config, GeneralistConfig, stage_hash
-from specdistill.data import Dataset, Split
-from specdistill.engine import predict_logits, resolve_device
+from combine.metrics import SystemTally, table4, top1_correct
+from combine.outputs import Chunk, SplitOutputs
+from combine.report import SPLIT_TEXT, write_report
+from specdistill.config import CombineConfig, Config, stage_hash
+from specdistill.data import Dataset
+from specdistill.engine import resolve_device
 from specdistill.errors import SpecdistillError, exit_on_error
 from specdistill.formatting import percent
-from specdistill.predictions import StoredPredictions, choose_form, write_predictions
+from specdistill.predictions import PredictionWriter, choose_form
 from specdistill.provenance import is_done, mark_done, require_done
 from specdistill.records import CombineResult, SplitEvaluation
 from specdistill.rundir import SPLITS, RunDir
@@ -42,56 +44,84 @@ TOP_N_COMPARED = (1, 2, 3)
 def evaluate_split(gen_log_probs, groups: Sequence, spec_log_probs: Sequence, labels, rule: CombineConfig,
                    num_core: Sequence[int] | None = None, gate: Gate | None = None
                    ) -> tuple[SplitEvaluation, dict[str, torch.Tensor]]:
-    """Every number of the combine report from the models' outputs on one labelled split.
+    """:func:`evaluate_outputs` for outputs a caller holds whole; also returns each system's [N, K]
+    log-probabilities. ``spec_log_probs`` are dustbin-corrected log-probabilities for every example
+    (as for :func:`combine.kl_combine`)."""
+    check_inputs(gen_log_probs, groups, spec_log_probs)
+    outputs = SplitOutputs.from_arrays(gen_log_probs, groups, spec_log_probs, labels, top_ns=compared_top_n(rule))
+    parts: dict[str, list[torch.Tensor]] = {}
+    evaluation = evaluate_outputs(outputs, rule, num_core, gate,
+                                  on_chunk=lambda chunk, systems: [parts.setdefault(k, []).append(v)
+                                                                   for k, v in systems.items()])
+    return evaluation, {name: torch.cat(blocks) for name, blocks in parts.items()}
 
-    ``spec_log_probs`` are dustbin-corrected log-probabilities for every example (as for
-    :func:`combine.kl_combine`). Systems: the generalist alone, the KL combiner with the
-    generalist's top-n for n in {1, 2, 3} (and ``rule.top_n``), and the average / product of the
-    available distributions with the ``rule.top_n`` active set. Table 4's changes are traced to the
-    specialists that caused them (:mod:`combine.diagnose`; ``num_core``: each group's k-means members,
-    listed first). With a ``gate`` (:mod:`combine.gating`) every KL system uses the gated active
-    set, and the ungated ensemble is reported beside it. Also returns each system's [N, K]
-    log-probabilities.
+
+def evaluate_outputs(outputs: SplitOutputs, rule: CombineConfig, num_core: Sequence[int] | None = None,
+                     gate: Gate | None = None,
+                     on_chunk: Callable[[Chunk, dict[str, torch.Tensor]], Any] | None = None,
+                     desc: str | None = None) -> SplitEvaluation:
+    """Every number of the combine report from the models' outputs on one labelled split, a chunk of
+    rows at a time (:class:`combine.outputs.SplitOutputs`: memory grows with the chunk, not the split).
+
+    Systems: the generalist alone, the KL combiner with the generalist's top-n for n in {1, 2, 3}
+    (and ``rule.top_n``), and the average / product of the available distributions with the
+    ``rule.top_n`` active set; with ``rule.alternatives`` off, the generalist and the configured
+    combiner only. Table 4's changes are traced to the specialists that caused them
+    (:mod:`combine.diagnose`; ``num_core``: each group's k-means members, listed first). With a
+    ``gate`` (:mod:`combine.gating`) every KL system uses the gated active set, and the ungated
+    ensemble is reported beside it. ``on_chunk(chunk, systems)`` sees every chunk's [rows, K]
+    log-probabilities of every system (to store the ensemble's, say); ``desc`` names a progress bar.
     """
-    gen = torch.as_tensor(np.asarray(gen_log_probs)) if not isinstance(gen_log_probs, torch.Tensor) \
-        else gen_log_probs
-    labels = torch.as_tensor(np.asarray(labels), dtype=torch.int64)
-    if gen.dim() != 2 or labels.shape != (gen.shape[0],):
-        raise SpecdistillError(f"labels have shape {tuple(labels.shape)} for predictions of shape "
-                               f"{tuple(gen.shape)}; pass one label per row")
-    K = gen.shape[1]
-    if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= K):
-        raise SpecdistillError(f"labels must be class ids in 0..{K - 1}; got {int(labels.min())}..{int(labels.max())}")
-    groups = [torch.as_tensor(np.asarray(g), dtype=torch.int64) for g in groups]
-    predictions = {"generalist": gen}
-    timings, active_sets, iterations = {}, {}, {}
+    groups, K, membership = outputs.groups, outputs.num_classes, outputs.membership
     gated = gate is not None and gate.kind != "none"
-    for n in sorted({*TOP_N_COMPARED, rule.top_n}):
-        began = time.perf_counter()
-        mask = gate.apply(active_specialists(gen, groups, n), gen) if gated else None
-        lq, info = kl_combine(gen, groups, spec_log_probs, top_n=n, solver=rule.solver, max_iter=rule.max_iter,
-                              tol=rule.tol, active=mask, return_info=True)
-        timings[f"kl_top{n}_s"] = time.perf_counter() - began
-        predictions[f"kl_top{n}"] = lq
-        active_sets[n], iterations[n] = info["active"], info["iterations"]
-    if gated:   # what the gate changed, on the same examples
-        predictions[f"{ensemble_system(rule)}_ungated"] = kl_combine(
-            gen, groups, spec_log_probs, top_n=rule.top_n, solver=rule.solver, max_iter=rule.max_iter, tol=rule.tol)
-    active = active_sets[rule.top_n]
-    predictions["average"] = average_of_distributions(gen, groups, spec_log_probs, active)
-    predictions["product"] = product_of_experts(gen, groups, spec_log_probs, active)
-
+    top_ns = compared_top_n(rule)
+    main = ensemble_system(rule)
     specialist_classes = torch.unique(torch.cat(groups)) if groups else torch.zeros(0, dtype=torch.int64)
-    systems = {name: system_metrics(lp, labels, specialist_classes) for name, lp in predictions.items()}
+    names = ["generalist", *(f"kl_top{n}" for n in top_ns), *([f"{main}_ungated"] if gated else []),
+             *(["average", "product"] if rule.alternatives else [])]
+    tallies = {name: SystemTally(K, specialist_classes) for name in names}
+    timings = {f"kl_top{n}_s": 0.0 for n in top_ns}
+    gen_right, main_right, kinds, n_active, iterations = [], [], [], [], []
+    for chunk in outputs.chunks(desc):
+        systems = {"generalist": chunk.gen}
+        for n in top_ns:
+            began = time.perf_counter()
+            rule_active = chunk.active(membership, n)
+            active = gate.apply(rule_active, chunk.gen) if gated else rule_active
+            lq, info = kl_combine(chunk.gen, groups, chunk.specs, solver=rule.solver, max_iter=rule.max_iter,
+                                  tol=rule.tol, active=active, return_info=True)
+            timings[f"kl_top{n}_s"] += time.perf_counter() - began
+            systems[f"kl_top{n}"] = lq
+            if n == rule.top_n:
+                main_active, main_iterations, main_rule_active = active, info["iterations"], rule_active
+        if gated:   # what the gate changed, on the same examples
+            systems[f"{main}_ungated"] = kl_combine(chunk.gen, groups, chunk.specs, solver=rule.solver,
+                                                    max_iter=rule.max_iter, tol=rule.tol, active=main_rule_active)
+        if rule.alternatives:
+            systems["average"] = average_of_distributions(chunk.gen, groups, chunk.specs, main_active)
+            systems["product"] = product_of_experts(chunk.gen, groups, chunk.specs, main_active)
+        for name, lp in systems.items():
+            tallies[name].add(lp, chunk.labels)
+        gen_right.append(top1_correct(chunk.gen, chunk.labels))
+        main_right.append(top1_correct(systems[main], chunk.labels))
+        kinds.append(change_causes(chunk.gen, systems[main], chunk.labels, groups, chunk.specs, main_active,
+                                   num_core))
+        n_active.append(main_active.sum(dim=1))
+        iterations.append(main_iterations)
+        if on_chunk is not None:
+            on_chunk(chunk, systems)
+    labels = outputs.labels
+    gen_right, main_right, kinds, n_active, iterations = (
+        torch.cat(parts) if parts else torch.zeros(0, dtype=dtype)
+        for parts, dtype in ((gen_right, torch.bool), (main_right, torch.bool), (kinds, torch.long),
+                             (n_active, torch.long), (iterations, torch.long)))
     covering = coverage(labels, groups, K) if groups else torch.zeros_like(labels)
-    n_active = active.sum(dim=1)
-    used = iterations[rule.top_n][n_active > 0]
-    main = predictions[ensemble_system(rule)]
-    evaluation = SplitEvaluation(
+    used = iterations[n_active > 0]
+    return SplitEvaluation(
         num_examples=int(len(labels)),
-        systems=systems,
-        table4=table4(top1_correct(gen, labels), top1_correct(main, labels), covering),
-        table4_causes=table4_causes(gen, main, labels, groups, spec_log_probs, active, covering, num_core),
+        systems={name: tally.result() for name, tally in tallies.items()},
+        table4=table4(gen_right, main_right, covering),
+        table4_causes=causes_by_coverage(gen_right, main_right, kinds, covering),
         conditional_examples=int(torch.isin(labels, specialist_classes).sum()),
         active_specialists={
             "mean": float(n_active.double().mean()) if len(labels) else 0.0,
@@ -102,7 +132,11 @@ def evaluate_split(gen_log_probs, groups: Sequence, spec_log_probs: Sequence, la
         },
         timings=timings,
     )
-    return evaluation, predictions
+
+
+def compared_top_n(rule: CombineConfig) -> list[int]:
+    """The top-n activations scored: 1, 2, 3 and the configured one, or that one alone."""
+    return sorted({*TOP_N_COMPARED, rule.top_n}) if rule.alternatives else [rule.top_n]
 
 
 def ensemble_system(rule: CombineConfig) -> str:
@@ -132,7 +166,8 @@ def run_combine(cfg: Config, force: bool = False) -> CombineResult:
     evaluate on the held-out and the test split, write. Every combine choice is made on the
     held-out numbers; the test split only gives the reported ones. On each split the generalist
     runs on every image, each specialist only on the images where some compared top-n activates
-    it, all that any compared system reads.
+    it, all that any compared system reads; every step then reads them a chunk of rows at a time
+    (:mod:`combine.outputs`), so memory is bounded at any number of examples.
     """
     run = RunDir.of(cfg)
     config_hash = stage_hash(cfg, "combine")
@@ -140,23 +175,35 @@ def run_combine(cfg: Config, force: bool = False) -> CombineResult:
         print(f"combine: already done in {run.combine} (config hash {config_hash}). Use --force to redo.")
         return CombineResult.read(run.combine_eval)
     ensemble, data = load_ensemble_and_data(cfg, run)
+    top_ns = compared_top_n(cfg.combine)
+    outputs, forward = {}, {}
+    for split in SPLITS:   # the generalist on every image, each specialist where some compared top-n may use it
+        part, forward[split] = data.split(split), {"images": len(data.split(split))}
+        outputs[split] = SplitOutputs.from_models(ensemble, part.images, part.labels, top_ns,
+                                                  cfg.combine.memory_limit_mb * 2**20, forward[split])
     if cfg.combine.calibrate:   # temperatures fitted on the held-out split, never on test
-        ensemble.calibration = calibrate(ensemble, run, data, cfg.combine)
-    outputs = {split: run_models(ensemble, data.split(split), cfg.combine) for split in SPLITS}
+        ensemble.calibration = calibrate(outputs["val"], cfg.combine)
+        for split_outputs in outputs.values():
+            split_outputs.calibration = ensemble.calibration
     if cfg.combine.gate != "none":   # chosen on the held-out split, applied unchanged to test
-        gen, specs, _ = outputs["val"]
-        ensemble.gate = fit_gate(cfg.combine.gate, gen, ensemble.groups, specs, data.val.labels, cfg.combine)
-    evaluations, predictions = {}, {}
-    for split, (gen, specs, forward) in outputs.items():
-        evaluations[split], systems = evaluate_split(gen, ensemble.groups, specs, data.split(split).labels,
-                                                     cfg.combine, ensemble.num_core, ensemble.gate)
-        evaluations[split].timings["forward"] = forward
-        predictions[split] = systems[ensemble_system(cfg.combine)]
+        ensemble.gate = fit_gate(cfg.combine.gate, outputs["val"], cfg.combine)
+    main, evaluations = ensemble_system(cfg.combine), {}
+    for split, split_outputs in outputs.items():   # dense where small, else each row's top-k (specdistill.predictions)
+        n = len(split_outputs)
+        writer = PredictionWriter(run.combine, split, n, ensemble.num_classes,
+                                  choose_form(cfg.generalist, {split: n}, ensemble.num_classes),
+                                  cfg.generalist.predictions_top_k)
+        evaluations[split] = evaluate_outputs(split_outputs, cfg.combine, ensemble.num_core, ensemble.gate,
+                                              on_chunk=lambda chunk, systems, w=writer: w.add(systems[main]),
+                                              desc=f"combine {SPLIT_TEXT[split]}")
+        writer.close()
+        evaluations[split].timings["forward"] = forward[split] | {
+            "generalist_passes": 1 + split_outputs.generalist_passes}
     result = CombineResult(num_classes=ensemble.num_classes, num_specialists=len(ensemble), top_n=cfg.combine.top_n,
-                           solver=cfg.combine.solver, ensemble=ensemble_system(cfg.combine),
+                           solver=cfg.combine.solver, ensemble=main,
                            splits=evaluations, specialist_ids=ensemble.ids,
                            gate=asdict(ensemble.gate) if ensemble.gate.kind != "none" else None)
-    write_combine(run, result, predictions, ensemble, cfg.generalist)
+    write_combine(run, result, ensemble)
     mark_done(run.root, "combine", config_hash)
     for line in summary_lines(result):
         print("combine: " + line)
@@ -182,57 +229,24 @@ def load_ensemble_and_data(cfg: Config, run: RunDir) -> tuple[Ensemble, Dataset]
     return ensemble, data
 
 
-def calibrate(ensemble: Ensemble, run: RunDir, data: Dataset, rule: CombineConfig) -> Calibration:
-    """Temperatures on the held-out split, from the generalist's stored held-out predictions (where
-    they are stored whole; the top-k form of a large K keeps only each row's top classes, so then from
-    the generalist's own forward pass)."""
-    stored = StoredPredictions.open(run.generalist, "val")
-    if stored.form == "dense":
-        val_gen = torch.log_softmax(torch.as_tensor(stored.dense(), dtype=torch.float32), dim=1)
-    else:
-        val_gen = torch.log_softmax(predict_logits(ensemble.generalist, data.val.images, ensemble.batch_size,
-                                                   ensemble.device), dim=1)
-    calibration = fit_calibration(ensemble, val_gen, data.val.images, data.val.labels, rule.top_n)
-    taus = np.array(calibration.specialists)
+def calibrate(val: SplitOutputs, rule: CombineConfig) -> Calibration:
+    """Temperatures on the held-out split's outputs."""
+    calibration = fit_calibration(val, rule.top_n)
+    taus = np.array(calibration.specialists) if calibration.specialists else np.ones(1)
     print(f"combine: temperatures on held-out data: generalist {calibration.generalist:.2f}, specialists "
           f"median {np.median(taus):.2f} (range {taus.min():.2f}-{taus.max():.2f})")
     return calibration
 
 
-def run_models(ensemble: Ensemble, split: Split, rule: CombineConfig
-               ) -> tuple[torch.Tensor, list[torch.Tensor], dict[str, Any]]:
-    """The generalist on every image of ``split``, each specialist where any compared top-n activates it
-    (all that any compared system, gated or not, reads); with the forward timings."""
-    forward: dict[str, Any] = {"images": len(split)}
-    began = time.perf_counter()
-    gen_lp = ensemble.generalist_log_probs(split.images)
-    forward["generalist_s"] = time.perf_counter() - began
-    needed = torch.zeros(len(split), len(ensemble), dtype=torch.bool)
-    for n in {*TOP_N_COMPARED, rule.top_n}:
-        needed |= active_specialists(gen_lp, ensemble.groups, n)
-    began = time.perf_counter()
-    spec_lps = ensemble.specialist_outputs(split.images, needed)
-    forward.update(specialists_s=time.perf_counter() - began, specialist_images=int(needed.sum()),
-                   num_specialists=len(ensemble))
-    return gen_lp, spec_lps, forward
-
-
-def write_combine(run: RunDir, result: CombineResult, predictions: dict[str, torch.Tensor],
-                  ensemble: Ensemble, gcfg: GeneralistConfig | None = None) -> None:
-    """Every file of the stage but done.json: calibration and gate (what the student's teacher applies),
-    the ensemble's predictions (stored as ``gcfg``'s predictions options say), eval.json, the report."""
-    gcfg = gcfg or GeneralistConfig()
+def write_combine(run: RunDir, result: CombineResult, ensemble: Ensemble) -> None:
+    """The stage's records but its predictions and done.json: calibration and gate (what the student's
+    teacher applies), eval.json, the report."""
     for path, record, used in ((run.calibration, ensemble.calibration, ensemble.calibration.split != "none"),
                                (run.gating, ensemble.gate, ensemble.gate.kind != "none")):
         if used:
             record.write(path)
         else:
             path.unlink(missing_ok=True)   # a previous run's choice must not outlive it
-    for split, log_q in predictions.items():   # dense where small, else each row's top-k (specdistill.predictions)
-        n, num_classes = log_q.shape
-        form = choose_form(gcfg, {split: n}, num_classes)
-        write_predictions(run.combine, split, (log_q[i:i + 4096].float().numpy() for i in range(0, n, 4096)),
-                          n, num_classes, form, gcfg.predictions_top_k)
     result.write(run.combine_eval)
     write_report(run, result)
 

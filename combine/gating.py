@@ -21,14 +21,17 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from combine.activation import active_specialists
 from combine.kl import kl_combine
 from specdistill.artifacts import read_json, write_json
 from specdistill.errors import SpecdistillError
+
+if TYPE_CHECKING:
+    from combine.outputs import SplitOutputs
 
 GATES = ("none", "group_gain", "confidence", "both")
 
@@ -71,45 +74,55 @@ def _correct(gen: torch.Tensor, groups: Sequence[torch.Tensor], outputs: Sequenc
     return q.argmax(1) == labels
 
 
-def fit_gate(kind: str, gen: torch.Tensor, groups: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor],
-             labels: np.ndarray, rule, progress: Callable[[str], None] = print) -> Gate:
-    """The gate of ``kind`` that does best on these held-out outputs (``outputs``: every specialist's
-    log-probabilities on the rows the top-n rule activates it)."""
+def fit_gate(kind: str, outputs: SplitOutputs, rule, progress: Callable[[str], None] = print) -> Gate:
+    """The gate of ``kind`` that does best on these held-out outputs (:class:`combine.outputs.SplitOutputs`,
+    read a chunk of rows at a time: one pass for the specialists' gains, one for the thresholds)."""
     if kind not in GATES:
         raise SpecdistillError(f"unknown gate {kind!r}; choose one of: {', '.join(GATES)}")
-    labels = torch.as_tensor(np.asarray(labels), dtype=torch.long)
-    M = len(groups)
-    active = active_specialists(gen, groups, rule.top_n)
-    gen_correct = gen.argmax(1) == labels
+    groups, M, N = outputs.groups, len(outputs.groups), max(1, len(outputs))
     gate = Gate.open(M)
-    record: dict = {"generalist_acc": float(gen_correct.double().mean()),
-                    "ungated_acc": float(_correct(gen, groups, outputs, active, labels, rule).double().mean())}
+    gen_right = ungated_right = 0
+    gains = [0] * M
+    confidence = []
+    # pass 1: the generalist, the ungated ensemble, each specialist alone
+    for c in outputs.chunks("gate, held-out pass 1"):
+        active = c.active(outputs.membership, rule.top_n)
+        gen_correct = c.gen.argmax(1) == c.labels
+        gen_right += int(gen_correct.sum())
+        ungated_right += int(_correct(c.gen, groups, c.specs, active, c.labels, rule).sum())
+        confidence.append(c.gen.max(dim=1).values.exp())
+        if kind in ("group_gain", "both"):
+            for m in range(M):
+                rows = active[:, m]
+                if rows.any():
+                    alone = torch.zeros_like(active[rows])
+                    alone[:, m] = True
+                    sub = [o[rows] for o in c.specs]
+                    gains[m] += (int(_correct(c.gen[rows], groups, sub, alone, c.labels[rows], rule).sum())
+                                 - int(gen_correct[rows].sum()))
+    record: dict = {"generalist_acc": gen_right / N, "ungated_acc": ungated_right / N}
     if kind in ("group_gain", "both"):
-        gains = []
-        for m in range(M):
-            rows = active[:, m]
-            if not rows.any():
-                gains.append(0)
-                continue
-            alone = torch.zeros_like(active[rows])
-            alone[:, m] = True
-            sub = [o[rows] for o in outputs]
-            gains.append(int(_correct(gen[rows], groups, sub, alone, labels[rows], rule).sum())
-                         - int(gen_correct[rows].sum()))
         gate.keep = [g > 0 for g in gains]
         record["group_gains"] = gains
+    candidates = [1.0]
     if kind in ("confidence", "both"):
-        confidence = gen.max(dim=1).values.exp()
-        candidates = sorted({1.0, *np.quantile(confidence.numpy(), np.linspace(0.05, 0.95, 19)).round(4).tolist()})
-        scores = {}
+        confidence = torch.cat(confidence) if confidence else torch.zeros(0)
+        candidates = sorted({1.0, *np.quantile(confidence.numpy(), np.linspace(0.05, 0.95, 19)).round(4).tolist()}) \
+            if len(confidence) else [1.0]
+    right = dict.fromkeys(candidates, 0)
+    # pass 2: every candidate threshold (just the kept set for group_gain)
+    for c in outputs.chunks("gate, held-out pass 2"):
+        active = c.active(outputs.membership, rule.top_n)
         for tau in candidates:
             gate.threshold = float(tau)
-            scores[tau] = float(_correct(gen, groups, outputs, gate.apply(active, gen), labels, rule).double().mean())
-        best = max(scores.values())
-        gate.threshold = float(min(t for t, s in scores.items() if s == best))   # ties: consult fewer
+            right[tau] += int(_correct(c.gen, groups, c.specs, gate.apply(active, c.gen), c.labels, rule).sum())
+    scores = {tau: r / N for tau, r in right.items()}
+    best = max(scores.values())
+    gate.threshold = float(min(t for t, s in scores.items() if s == best))   # ties: consult fewer
+    if kind in ("confidence", "both"):
         record["threshold_candidates"] = {f"{t:g}": s for t, s in scores.items()}
     gate.kind = kind
-    record["gated_acc"] = float(_correct(gen, groups, outputs, gate.apply(active, gen), labels, rule).double().mean())
+    record["gated_acc"] = scores[gate.threshold]
     gate.held_out = record
     progress(f"combine: gate '{kind}' fitted on held-out data: keeps {sum(gate.keep)} of {M} specialists"
              + (f", consulted below top probability {gate.threshold:.3f}" if gate.threshold < 1.0 else "")

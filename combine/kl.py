@@ -20,7 +20,7 @@ SOLVERS = ("fixed_point", "em", "gradient")
 def kl_combine(gen_log_probs: torch.Tensor, groups: Sequence, spec_log_probs: Sequence,
                top_n: int = 1, solver: str = "fixed_point", max_iter: int = 200, tol: float = 1e-9,
                active: torch.Tensor | None = None, chunk_size: int = 4096,
-               return_info: bool = False):
+               return_info: bool = False, out: torch.Tensor | None = None):
     """Combine a generalist with its specialists, per example (Hinton et al. 2015, section 5.4).
 
     For each example: take the generalist's ``top_n`` most probable classes; every specialist whose
@@ -55,6 +55,9 @@ def kl_combine(gen_log_probs: torch.Tensor, groups: Sequence, spec_log_probs: Se
         active: optional [B, M] bool mask to use instead of the top-n rule.
         chunk_size: examples per solve, bounding memory on large batches.
         return_info: also return {"active": [B, M] mask, "iterations": [B] per-example counts}.
+        out: a [B, K] tensor (dtype and device of ``gen_log_probs``) to write log q into. A server that
+            reuses one per batch saves the first touch of a fresh [B, K] array, which at K = 15,000 cost
+            more than the pass that fills it (BENCHMARKS.md).
 
     Returns:
         log q, [B, K], dtype and device of ``gen_log_probs``; log space throughout, so classes whose
@@ -69,11 +72,11 @@ def kl_combine(gen_log_probs: torch.Tensor, groups: Sequence, spec_log_probs: Se
     # (measured: 40x slower with 2 threads on a loaded 2-core box). Use processes for more cores.
     with torch.no_grad(), torch_threads(1 if device.type == "cpu" else None):
         return _kl_combine(gen_log_probs, groups, spec_log_probs, top_n, solver, max_iter, tol, active,
-                           chunk_size, return_info)
+                           chunk_size, return_info, out)
 
 
 def _kl_combine(gen_log_probs, groups, spec_log_probs, top_n, solver, max_iter, tol, active, chunk_size,
-                return_info):
+                return_info, out):
     inputs = check_inputs(gen_log_probs, groups, spec_log_probs, check_values=False)
     gen = inputs.gen_log_probs
     B, K = gen.shape
@@ -95,7 +98,11 @@ def _kl_combine(gen_log_probs, groups, spec_log_probs, top_n, solver, max_iter, 
         active = check_active(active, B, M, gen.device)
         row_max = gen.amax(dim=1) if B else gen.new_zeros(0)
     check_row_max(row_max)
-    out = torch.empty_like(gen)
+    if out is None:
+        out = torch.empty_like(gen)
+    elif out.shape != gen.shape or out.dtype != gen.dtype or out.device != gen.device:
+        raise SpecdistillError(f"out is {tuple(out.shape)} {out.dtype} on {out.device}; it must match gen_log_probs "
+                               f"({tuple(gen.shape)} {gen.dtype} on {gen.device})")
     iterations = torch.zeros(B, dtype=torch.int64, device=gen.device)
     for start in range(0, B, chunk_size):
         stop = min(B, start + chunk_size)

@@ -49,15 +49,54 @@ def conditional_accuracy(log_probs: torch.Tensor, labels: torch.Tensor,
     return float((restricted.argmax(dim=1) == labels[rows]).double().mean()), n
 
 
+class SystemTally:
+    """One system's numbers (accuracy, top-5, NLL, ECE, conditional accuracy) summed over chunks of
+    rows (:meth:`add`), so no [N, K] array is needed; :meth:`result` is :func:`system_metrics`."""
+
+    def __init__(self, num_classes: int, specialist_classes: torch.Tensor, bins: int = 15) -> None:
+        self.member = torch.zeros(num_classes, dtype=torch.bool)
+        self.member[specialist_classes] = True
+        self.bins = bins
+        self.n = self.correct = self.top5 = self.cond_n = self.cond_correct = 0
+        self.nll = 0.0
+        self.acc_sum = torch.zeros(bins, dtype=torch.float64)
+        self.conf_sum = torch.zeros(bins, dtype=torch.float64)
+
+    def add(self, log_probs: torch.Tensor, labels: torch.Tensor) -> None:
+        if not len(labels):
+            return
+        self.n += len(labels)
+        self.correct += int(top1_correct(log_probs, labels).sum())
+        top = log_probs.topk(min(5, log_probs.shape[1]), dim=1).indices
+        self.top5 += int((top == labels[:, None]).any(dim=1).sum())
+        picked = log_probs.double().gather(1, labels[:, None]).squeeze(1)
+        floor = torch.log(torch.tensor(torch.finfo(log_probs.dtype).tiny, dtype=torch.float64))
+        self.nll += float(-picked.clamp_min(floor).sum())
+        conf, pred = torch.exp(log_probs.double()).max(dim=1)
+        which = (conf * self.bins).long().clamp(max=self.bins - 1)
+        self.acc_sum.index_add_(0, which, (pred == labels).double())
+        self.conf_sum.index_add_(0, which, conf)
+        rows = self.member[labels]
+        if rows.any():
+            restricted = log_probs[rows].masked_fill(~self.member, -torch.inf)
+            self.cond_n += int(rows.sum())
+            self.cond_correct += int((restricted.argmax(dim=1) == labels[rows]).sum())
+
+    def result(self) -> dict:
+        n = max(1, self.n)
+        return {
+            "accuracy": self.correct / n,
+            "top5": self.top5 / n,
+            "nll": self.nll / n,
+            "ece": float((self.acc_sum - self.conf_sum).abs().sum() / n),
+            "conditional_accuracy": self.cond_correct / self.cond_n if self.cond_n else None,
+        }
+
+
 def system_metrics(log_probs: torch.Tensor, labels: torch.Tensor, specialist_classes: torch.Tensor) -> dict:
-    cond, _ = conditional_accuracy(log_probs, labels, specialist_classes)
-    return {
-        "accuracy": float(top1_correct(log_probs, labels).double().mean()),
-        "top5": top_k_accuracy(log_probs, labels, 5),
-        "nll": negative_log_likelihood(log_probs, labels),
-        "ece": expected_calibration_error(log_probs, labels),
-        "conditional_accuracy": cond,
-    }
+    tally = SystemTally(log_probs.shape[1], specialist_classes)
+    tally.add(log_probs, labels)
+    return tally.result()
 
 
 def table4(base_correct: torch.Tensor, combined_correct: torch.Tensor, covering: torch.Tensor,

@@ -109,6 +109,15 @@ def render_markdown(result: CombineResult) -> str:
             lines.append(f"- {SPLIT_TEXT[split]}, forward, {forward['num_specialists']} specialists, each on the "
                          f"images where a compared top-n activates it: {forward['specialists_s']:.2f} s for "
                          f"{forward['specialist_images']} images in all")
+            if forward.get("generalist_passes", 1) > 1:
+                lines.append(f"- {SPLIT_TEXT[split]}: the generalist's [N, K] outputs are over "
+                             f"combine.memory_limit_mb, so it ran {forward['generalist_passes']} times, "
+                             "a chunk of rows at a time")
+            model_s = forward["generalist_s"] + forward["specialists_s"]
+            kl_s = timings.get(f"kl_top{result.top_n}_s")
+            if kl_s is not None and model_s > 0:
+                lines.append(f"- {SPLIT_TEXT[split]}, the combiner (kl_top{result.top_n}) against the models' forward: "
+                             f"{kl_s:.2f} s / {model_s:.2f} s = {100 * kl_s / model_s:.1f}%")
         for key, value in timings.items():
             if key.startswith("kl_top"):
                 lines.append(f"- {SPLIT_TEXT[split]}, combiner, {key[:-2]}: {value:.3f} s")

@@ -139,6 +139,10 @@ class ClusteringConfig(_Section):
                     "correlation+offdiag+normalized"] = "correlation+offdiag+normalized"
     size: int | None = Field(None, ge=2)        # grow each group to this many classes (overlap)
     min_size: int = Field(2, ge=1)              # drop groups smaller than this
+    # drop k-means groups larger than this (before growing): classes the generalist hardly ever confuses
+    # give near one-hot held-out rows, no confusion signal, and k-means lumps them into one giant group
+    # (394 of 500 classes on a 99.8%-accurate image folder). Those classes stay with the generalist.
+    max_size: int | None = Field(None, ge=1)
     top_k: int | None = Field(None, ge=1)       # sparse path: keep the top-k probabilities per row
     sketch_dim: int | None = Field(None, ge=2)  # low-rank path: cluster a sketch of the columns
     seed: int | None = None                     # None = the experiment seed
@@ -184,6 +188,14 @@ class CombineConfig(_Section):
     # (keep the specialists that gain on their held-out examples), confidence (only where the
     # generalist's top probability is below a held-out-chosen threshold), both
     gate: Literal["none", "group_gain", "confidence", "both"] = "none"
+    # a split's generalist log-probabilities are held whole up to this size ([N, K] float32); beyond it
+    # the generalist runs again for each chunk of rows a step reads (combine/outputs.py): memory bounded
+    # at any N, the same numbers
+    memory_limit_mb: float = Field(1024.0, gt=0.0)
+    # also score the alternatives beside the configured combiner: the KL combiner with top-1, 2 and 3
+    # activation, and the average and product of the same distributions. Off, combine runs the
+    # configured system alone (a third of the work and of the specialists' forward at K = 15,000)
+    alternatives: bool = True
 
 
 class StudentLossConfig(_Section):
@@ -248,6 +260,9 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _check(self) -> Config:
+        if self.clustering.max_size is not None and self.clustering.max_size < self.clustering.min_size:
+            raise ValueError(f"clustering.max_size ({self.clustering.max_size}) is below clustering.min_size "
+                             f"({self.clustering.min_size}); raise clustering.max_size or lower clustering.min_size")
         if self.clustering.size is not None and self.clustering.size < self.clustering.min_size:
             raise ValueError(f"clustering.size ({self.clustering.size}) is below clustering.min_size "
                              f"({self.clustering.min_size}); raise clustering.size or lower clustering.min_size")
@@ -277,7 +292,8 @@ _STAGE_SECTIONS = {
 }
 # Options that change how a stage runs but not what it produces.
 _VOLATILE = {"ray_address", "num_threads", "num_gpus_per_task", "num_cpus_per_task", "max_retries",
-             "eval_batch_size", "cache_dir", "load_data_on_workers", "loader_workers", "workers", "use_gpu"}
+             "eval_batch_size", "cache_dir", "load_data_on_workers", "loader_workers", "workers", "use_gpu",
+             "memory_limit_mb"}
 # train.workers / use_gpu are among them: the same model, data, global batch, schedule and epochs on
 # more devices; the weights differ only as run-to-run noise does (batch-norm statistics and
 # augmentation draws per worker's share, float reduction order), like num_threads. So a generalist
@@ -293,7 +309,8 @@ _NEUTRAL_DEFAULTS: dict[str, Any] = {"mean": None, "std": None, "weights": None,
                                      # stored predictions: dense as before wherever they are small
                                      "predictions": "auto", "predictions_top_k": 64,
                                      "dense_predictions_limit_mb": 1024.0,
-                                     "eval_limit": None}
+                                     "eval_limit": None, "alternatives": True,
+                                     "max_size": None}
 # data options only natural-image sources read; their recipe changed with them (crop + flip instead
 # of the glyph jitter), so for those sources they stay in the hash and older runs are redone
 _NATURAL_ONLY: dict[str, Any] = {"crop_scale": [0.08, 1.0], "stream": "auto"}

@@ -95,46 +95,59 @@ def _top(block: torch.Tensor, top_k: int) -> tuple[np.ndarray, np.ndarray, np.nd
     return values.float().numpy(), indices.to(torch.int32).numpy(), residual.float().numpy()
 
 
+class PredictionWriter:
+    """A split's predictions written from [b, K] log-probability blocks handed in order (:meth:`add`),
+    then :meth:`close`: dense (chosen only where small) is assembled and saved with ``np.save``, the
+    same bytes as ever; top-k keeps each block's top entries only, never [N, K]. Nothing is on disk
+    before :meth:`close`, which also removes the other form's file, so a folder holds one."""
+
+    def __init__(self, folder: str | os.PathLike, split: str, num_examples: int, num_classes: int, form: str,
+                 top_k: int) -> None:
+        if form not in FORMS:
+            raise ValueError(f"form must be one of {FORMS}, got {form!r}")
+        self.folder, self.split, self.form, self.top_k = Path(folder), split, form, top_k
+        self.num_examples, self.num_classes = num_examples, num_classes
+        self.written = 0
+        self._dense = np.empty((num_examples, num_classes), dtype=np.float32) if form == "dense" else None
+        self._parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+
+    def add(self, block: np.ndarray | torch.Tensor) -> None:
+        _check_rows(self.written + len(block), self.num_examples, self.split, more_ok=True)
+        if self._dense is not None:
+            self._dense[self.written:self.written + len(block)] = np.asarray(block, dtype=np.float32)
+        else:
+            self._parts.append(_top(torch.as_tensor(block, dtype=torch.float32), self.top_k))
+        self.written += len(block)
+
+    def close(self) -> StoredPredictions:
+        _check_rows(self.written, self.num_examples, self.split)
+        dense_path, topk_path = RunDir.preds_in(self.folder, self.split), RunDir.topk_preds_in(self.folder, self.split)
+        if self._dense is not None:
+            write_npy(dense_path, self._dense)
+            topk_path.unlink(missing_ok=True)
+        else:
+            k = self.top_k
+            log_probs, indices, residual = (np.concatenate([p[i] for p in self._parts]) if self._parts else empty
+                                            for i, empty in enumerate((np.zeros((0, k), np.float32),
+                                                                       np.zeros((0, k), np.int32),
+                                                                       np.zeros(0, np.float32))))
+            with atomic_path(topk_path) as tmp:
+                with open(tmp, "wb") as fh:
+                    np.savez(fh, log_probs=log_probs, indices=indices, residual=residual,
+                             num_classes=np.int64(self.num_classes))
+            dense_path.unlink(missing_ok=True)
+        self._dense, self._parts = None, []
+        return StoredPredictions.open(self.folder, self.split)
+
+
 def write_predictions(folder: str | os.PathLike, split: str, batches: Iterable[np.ndarray | torch.Tensor],
                       num_examples: int, num_classes: int, form: str, top_k: int) -> StoredPredictions:
-    """Write a split's predictions from ``batches`` of [b, K] log-probabilities, in order.
-
-    Dense (only chosen where it is small) is assembled and saved with ``np.save``, the same bytes as
-    ever; top-k keeps each batch's top entries only, never [N, K]. The other form's file is removed,
-    so a folder holds one.
-    """
-    if form not in FORMS:
-        raise ValueError(f"form must be one of {FORMS}, got {form!r}")
-    folder = Path(folder)
-    dense_path, topk_path = RunDir.preds_in(folder, split), RunDir.topk_preds_in(folder, split)
-    written = 0
-    if form == "dense":   # chosen only where [N, K] is small: assembled, then written as np.save writes it
-        out = np.empty((num_examples, num_classes), dtype=np.float32)
-        for block in batches:
-            block = np.asarray(block, dtype=np.float32)
-            _check_rows(written + len(block), num_examples, split, more_ok=True)
-            out[written:written + len(block)] = block
-            written += len(block)
-        _check_rows(written, num_examples, split)
-        write_npy(dense_path, out)
-        topk_path.unlink(missing_ok=True)
-    else:
-        parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-        for block in batches:
-            block = torch.as_tensor(block, dtype=torch.float32)
-            parts.append(_top(block, top_k))
-            written += len(block)
-        log_probs, indices, residual = (np.concatenate([p[i] for p in parts]) if parts else empty
-                                        for i, empty in enumerate((np.zeros((0, top_k), np.float32),
-                                                                   np.zeros((0, top_k), np.int32),
-                                                                   np.zeros(0, np.float32))))
-        _check_rows(written, num_examples, split)
-        with atomic_path(topk_path) as tmp:
-            with open(tmp, "wb") as fh:
-                np.savez(fh, log_probs=log_probs, indices=indices, residual=residual,
-                         num_classes=np.int64(num_classes))
-        dense_path.unlink(missing_ok=True)
-    return StoredPredictions.open(folder, split)
+    """Write a split's predictions from ``batches`` of [b, K] log-probabilities, in order
+    (:class:`PredictionWriter`)."""
+    writer = PredictionWriter(folder, split, num_examples, num_classes, form, top_k)
+    for block in batches:
+        writer.add(block)
+    return writer.close()
 
 
 def _check_rows(written: int, num_examples: int, split: str, more_ok: bool = False) -> None:

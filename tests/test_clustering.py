@@ -126,6 +126,24 @@ def test_min_size_drops_small_groups_and_coverage_histogram():
                         progress=False)
 
 
+def test_max_size_leaves_the_classes_the_generalist_never_confuses_with_it(planted):
+    """A giant group is what k-means makes of classes whose held-out rows are one-hot (no confusion
+    signal): 60 such classes beside the 20 planted groups of 6 form one group of 60; clustering.max_size
+    drops it (those classes stay with the generalist) and keeps every planted group."""
+    extra = 60
+    sure = np.zeros((extra * 10, 120 + extra), np.float32)
+    sure[np.arange(extra * 10), 120 + np.repeat(np.arange(extra), 10)] = 1.0
+    probs = np.vstack([np.hstack([planted.probs, np.zeros((len(planted.probs), extra), np.float32)]), sure])
+    loose = cluster_classes(probs, 21, backend="sklearn", seed=0, progress=False)
+    assert max(len(g) for g in loose.groups) == extra and loose.dropped_large == 0
+    guarded = cluster_classes(probs, 21, backend="sklearn", seed=0, progress=False, max_size=30)
+    assert guarded.dropped_large == 1
+    planted_groups = sorted(tuple(np.flatnonzero(planted.group_of == g)) for g in range(20))
+    assert sorted(tuple(sorted(g)) for g in guarded.groups) == planted_groups
+    with pytest.raises(Exception, match="max_size"):
+        cluster_classes(probs, 21, backend="sklearn", seed=0, progress=False, max_size=3)
+
+
 def test_log_probabilities_detected_and_equivalent(planted):
     probs, was_log = check_dense(planted.probs, "p", progress=False)
     log_probs, was_log2 = check_dense(np.log(planted.probs), "lp", progress=False)

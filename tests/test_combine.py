@@ -12,6 +12,7 @@ from combine import active_specialists, kl_combine, kl_objective
 from combine.baselines import average_of_distributions, product_of_experts
 from combine.evaluate import evaluate_predictions, evaluate_split
 from combine.metrics import conditional_accuracy, expected_calibration_error, negative_log_likelihood, table4
+from combine.outputs import SplitOutputs
 from specdistill.config import CombineConfig
 from specdistill.errors import SpecdistillError
 from specdistill.records import CombineResult, SpecialistInfo
@@ -539,7 +540,8 @@ def test_group_gain_gate_closes_a_specialist_that_hurts_on_held_out_data():
     rule = CombineConfig(top_n=1)
     liar = torch.log_softmax(-specs[0].double(), dim=1).float()     # specialist 0 now says the opposite
     outputs = [liar, *specs[1:]]
-    gate = fit_gate("group_gain", gen, groups, outputs, labels, rule, progress=lambda line: None)
+    gate = fit_gate("group_gain", SplitOutputs.from_arrays(gen, groups, outputs, labels), rule,
+                    progress=lambda line: None)
     assert gate.keep[0] is False and all(gate.keep[1:])
     assert gate.held_out["gated_acc"] > gate.held_out["ungated_acc"]
     result, _ = evaluate_split(gen, groups, outputs, labels, rule, gate=gate)
@@ -554,10 +556,38 @@ def test_confidence_gate_is_chosen_on_held_out_data_and_read_back(tmp_path):
     from combine.gating import Gate, fit_gate
 
     gen, groups, specs, labels = informative_ensemble()
-    gate = fit_gate("confidence", gen, groups, specs, labels, CombineConfig(top_n=1), progress=lambda line: None)
+    gate = fit_gate("confidence", SplitOutputs.from_arrays(gen, groups, specs, labels), CombineConfig(top_n=1),
+                    progress=lambda line: None)
     scores = gate.held_out["threshold_candidates"]
     assert gate.held_out["gated_acc"] == max(scores.values()) >= gate.held_out["generalist_acc"]
     gate.write(tmp_path / "gating.json")
     assert Gate.read(tmp_path / "gating.json", len(groups)) == gate
     with pytest.raises(SpecdistillError, match="gates .* specialists but the run has"):
         Gate.read(tmp_path / "gating.json", len(groups) + 1)
+
+
+def test_kl_combine_writes_into_a_given_buffer_and_chunks_change_nothing():
+    """``out=``: the same log q as a fresh array, written in place; a buffer of another shape is one
+    line. SplitOutputs read in chunks of 7 rows give evaluate_split's numbers on the whole arrays (to
+    the solver's tolerance)."""
+    gen, groups, specs, labels = informative_ensemble()
+    fresh = kl_combine(gen, groups, specs)
+    buffer = torch.full_like(gen, float("nan"))
+    assert kl_combine(gen, groups, specs, out=buffer) is buffer
+    assert torch.equal(buffer, fresh)
+    with pytest.raises(SpecdistillError, match="out is"):
+        kl_combine(gen, groups, specs, out=torch.empty(len(gen), gen.shape[1] + 1))
+    rule = CombineConfig(top_n=1)
+    whole, _ = evaluate_split(gen, groups, specs, labels, rule)
+    from combine.evaluate import evaluate_outputs
+
+    chunked = evaluate_outputs(SplitOutputs.from_arrays(gen, groups, specs, labels, chunk_rows=7), rule)
+    assert chunked.table4 == whole.table4 and chunked.table4_causes == whole.table4_causes
+    same = ("mean", "none", "histogram")   # solver iterations depend on the batch (converged rows wait)
+    assert {k: chunked.active_specialists[k] for k in same} == {k: whole.active_specialists[k] for k in same}
+    for name, numbers in whole.systems.items():
+        assert chunked.systems[name] == pytest.approx(numbers, rel=1e-9), name
+    alone = evaluate_outputs(SplitOutputs.from_arrays(gen, groups, specs, labels, top_ns=[1]),
+                             rule.model_copy(update={"alternatives": False}))
+    assert set(alone.systems) == {"generalist", "kl_top1"}
+    assert alone.systems["kl_top1"] == pytest.approx(whole.systems["kl_top1"], rel=1e-12)

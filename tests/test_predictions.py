@@ -136,22 +136,18 @@ def test_clustering_from_a_topk_store_matches_the_dense_one(tmp_path):
     assert groups["topk"] == planted
 
 
-def test_combine_runs_from_a_topk_generalist_store(tmp_path):
-    """The tiny config with top-k predictions forced: generalist writer, clustering and combine
-    (calibrated, so the held-out generalist comes from its forward pass) on top-k files only."""
+def _topk_run_before_combine(run: Path, *overrides: str):
+    """The tiny config with top-k predictions forced, its generalist (untrained) and clusters written by
+    the stages, and an untrained specialist per group: everything combine reads."""
     from clustering.build import run_clustering
-    from combine.calibration import fit_temperature
-    from combine.evaluate import run_combine
     from generalist.train import write_generalist
     from specdistill.data import load_data
-    from specdistill.engine import predict_log_probs
     from specdistill.models import build_model, save_classifier
-    from specdistill.provenance import is_done, mark_done
+    from specdistill.provenance import mark_done
     from specdistill.records import SpecialistInfo
 
-    run = tmp_path / "run"
     cfg = load_config(TINY, [f"run_dir={run}", "device=cpu", "generalist.predictions=topk",
-                             "generalist.predictions_top_k=5", "combine.calibrate=true"])
+                             "generalist.predictions_top_k=5", *overrides])
     paths = RunDir.of(cfg)
     dataset = load_data(cfg.data, cfg.seed)
     K = dataset.num_classes
@@ -172,7 +168,20 @@ def test_combine_runs_from_a_topk_generalist_store(tmp_path):
         save_classifier(paths.specialist_weights(group.id), specialist, {**meta, "num_classes": len(group.classes) + 1})
         SpecialistInfo(group.id, group.classes, group.names, 0.0).write(paths.specialist_info(group.id))
     mark_done(run, "specialists", stage_hash(cfg, "specialists"), ids=[g.id for g in clusters.groups])
+    return cfg, dataset, model
 
+
+def test_combine_runs_from_a_topk_generalist_store(tmp_path):
+    """Generalist writer, clustering and combine (calibrated, so the held-out generalist comes from
+    its forward pass) on top-k files only."""
+    from combine.calibration import fit_temperature
+    from combine.evaluate import run_combine
+    from specdistill.engine import predict_log_probs
+    from specdistill.provenance import is_done
+
+    run = tmp_path / "run"
+    cfg, dataset, model = _topk_run_before_combine(run, "combine.calibrate=true")
+    paths, K = RunDir.of(cfg), dataset.num_classes
     result = run_combine(cfg)
     gen_val = torch.as_tensor(predict_log_probs(model.eval(), dataset.val.images))
     calibration = json.loads(paths.calibration.read_text())
@@ -183,6 +192,41 @@ def test_combine_runs_from_a_topk_generalist_store(tmp_path):
         stored = StoredPredictions.open(paths.combine, split)
         assert stored.form == "topk" and stored.num_examples == len(dataset.split(split)) and stored.num_classes == K
     assert is_done(run, "combine", stage_hash(cfg, "combine"))
+
+
+def test_combine_over_its_memory_limit_runs_the_generalist_per_chunk_with_the_same_numbers(tmp_path, monkeypatch):
+    """combine.memory_limit_mb below a split's [N, K]: the generalist runs again for every chunk of
+    rows each step reads (calibration, both gate passes, the evaluation), and every number, the gate,
+    the temperatures and the stored predictions equal those of the run that held it whole."""
+    import combine.outputs
+    from combine.evaluate import run_combine
+
+    cfg, dataset, _ = _topk_run_before_combine(tmp_path / "run", "combine.calibrate=true", "combine.gate=both")
+    paths = RunDir.of(cfg)
+    n_val, K = len(dataset.val), dataset.num_classes
+    monkeypatch.setattr(combine.outputs, "CHUNK_BYTES", 4 * K * 16)   # 16 rows a chunk
+    assert n_val > 3 * 16
+    whole = run_combine(cfg)
+    kept = {name: paths.combine.joinpath(name).read_bytes() for name in ("calibration.json", "gating.json")}
+    stored = {split: StoredPredictions.open(paths.combine, split).top() for split in ("val", "test")}
+    limited = cfg.model_copy(update={"combine": cfg.combine.model_copy(update={"memory_limit_mb": 0.001})})
+    assert stage_hash(limited, "combine") == stage_hash(cfg, "combine")   # how it runs, not what it makes
+    chunked = run_combine(limited, force=True)
+    for split in ("val", "test"):
+        a, b = whole.split(split), chunked.split(split)
+        assert a.timings["forward"]["generalist_passes"] == 1
+        # calibration (1 pass), gate (2), evaluation (1) on val; evaluation on test
+        assert b.timings["forward"]["generalist_passes"] == (1 + 4 if split == "val" else 1 + 1)
+        assert a.table4 == b.table4 and a.table4_causes == b.table4_causes
+        assert a.active_specialists == b.active_specialists
+        for system, numbers in a.systems.items():
+            assert b.systems[system] == pytest.approx(numbers, rel=1e-9), system
+        again = StoredPredictions.open(paths.combine, split).top()
+        for x, y in zip(stored[split], again):
+            np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
+    assert whole.gate == chunked.gate
+    for name, content in kept.items():
+        assert paths.combine.joinpath(name).read_bytes() == content
 
 
 def test_the_generalist_writes_small_predictions_as_before(tmp_path):
