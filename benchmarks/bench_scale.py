@@ -18,8 +18,10 @@ Parts:
   third of the specialists are written, then the same command again: how many it trains.
 
 Each stage runs alone (``specdistill run CONFIG --from S --until S``) in a fresh run directory per
-setting, so its numbers are its own. The specialists' peak is the Ray driver's: the Ray workers are not
-its children (the report's own "Time and memory" section has each task's).
+setting, so its numbers are its own. Two peaks: the largest single process's (GNU time's max RSS) and
+the whole process tree's, sampled by the pipeline itself (``timings.json``: the stage's process and
+every descendant, embedded Ray's workers included, summed; shared pages count once per process, so
+it is an upper bound).
 """
 
 from __future__ import annotations
@@ -66,7 +68,9 @@ def run_stage(config: str, run_dir: Path, stage: str, overrides: list[str]) -> d
     if proc.returncode != 0:
         tail = (proc.stdout + proc.stderr).strip().splitlines()[-12:]
         raise SystemExit(f"{stage} failed (exit {proc.returncode}):\n" + "\n".join(tail))
+    timings = json.loads((run_dir / "timings.json").read_text()) if (run_dir / "timings.json").exists() else {}
     return {"seconds": seconds, "rss_mib": int(rss.group(1)) / 1024 if rss else float("nan"),
+            "tree_mib": timings.get(stage, {}).get("peak_rss_mb", float("nan")),
             "stage_mib": folder_bytes(run_dir / stage) / 2**20, "run_mib": folder_bytes(run_dir) / 2**20}
 
 
@@ -93,11 +97,11 @@ def pipeline(label: str, config: str, run_dir: Path, overrides: list[str], stage
     for stage in stages:
         r = run_stage(config, run_dir, stage, overrides)
         total += r["seconds"]
-        print(f"| {label} | {stage} | {r['seconds']:.1f} | {r['rss_mib']:.0f} | {r['stage_mib']:.1f} "
-              f"| {r['run_mib']:.1f} |", flush=True)
+        print(f"| {label} | {stage} | {r['seconds']:.1f} | {r['rss_mib']:.0f} | {r['tree_mib']:.0f} "
+              f"| {r['stage_mib']:.1f} | {r['run_mib']:.1f} |", flush=True)
         if stage == "combine":
             forward_rows += [f"| {label} | {row} |" for row in combine_times(run_dir)]
-    print(f"| {label} | **all stages** | **{total:.0f}** | | | {folder_bytes(run_dir) / 2**20:.1f} |", flush=True)
+    print(f"| {label} | **all stages** | **{total:.0f}** | | | | {folder_bytes(run_dir) / 2**20:.1f} |", flush=True)
 
 
 def kill_and_resume(config: str, run_dir: Path, overrides: list[str]) -> None:
@@ -143,8 +147,8 @@ def main() -> None:
 
     where = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="bench-scale-"))
     print(f"## {args.config}: per stage wall time, peak RSS (MiB) and bytes written (MiB)\n")
-    print("| run | stage | seconds | peak RSS MiB | stage folder MiB | run directory MiB |")
-    print("|---|---|---|---|---|---|")
+    print("| run | stage | seconds | peak RSS MiB | process tree peak MiB | stage folder MiB | run directory MiB |")
+    print("|---|---|---|---|---|---|---|")
     forward_rows: list[str] = []
     began = time.perf_counter()
     try:

@@ -99,8 +99,8 @@ def run_clustering(cfg: Config, *, probs_path: str | Path | None = None,
     timings = {"load_s": load_s, **result.timings, "plots_s": plots_s,
                "total_s": time.perf_counter() - began}
     params = {"k": ccfg.k, "backend": ccfg.backend, "matrix": ccfg.matrix, "size": ccfg.size,
-              "min_size": ccfg.min_size, "max_size": ccfg.max_size, "top_k": top_k, "sketch_dim": sketch_dim, "seed": seed,
-              "n_init": ccfg.n_init, "max_iter": ccfg.max_iter}
+              "min_size": ccfg.min_size, "max_size": ccfg.max_size, "top_k": top_k, "sketch_dim": sketch_dim,
+              "seed": seed, "n_init": ccfg.n_init, "max_iter": ccfg.max_iter}
     clusters = clusters_json(result, class_names, preds, params, timings)
     clusters.write(run.clusters)
     # read from the generalist's predictions, or from the user's own file (its fingerprint is `input`)

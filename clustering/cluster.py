@@ -40,8 +40,8 @@ def cluster_classes(probs: np.ndarray | sp.csr_matrix, k: int, *, matrix: str = 
     """Group the K classes of ``probs`` ([N, K] probabilities, dense or CSR) into confusable groups.
 
     ``k`` clusters of the columns of the chosen matrix (``matrices.MATRIX_KINDS``); clusters smaller
-    than ``min_size`` or larger than ``max_size`` are dropped; with ``size`` every group is grown to that many classes, adding
-    the classes with the largest summed covariance with its members. Growing uses the plain
+    than ``min_size`` or larger than ``max_size`` are dropped; with ``size`` every group is grown to
+    that many classes, adding the classes with the largest summed covariance with its members. Growing uses the plain
     covariance whatever ``matrix`` is: co-predicted probability mass is what a specialist has to sort
     out, while correlation would favour rare classes whose tiny variance inflates every correlation.
     """

@@ -188,6 +188,7 @@ def run_combine(cfg: Config, force: bool = False) -> CombineResult:
     if cfg.combine.gate != "none":   # chosen on the held-out split, applied unchanged to test
         ensemble.gate = fit_gate(cfg.combine.gate, outputs["val"], cfg.combine)
     main, evaluations = ensemble_system(cfg.combine), {}
+    run.done("combine").unlink(missing_ok=True)   # files are rewritten from here on: done only at the end
     for split, split_outputs in outputs.items():   # dense where small, else each row's top-k (specdistill.predictions)
         n = len(split_outputs)
         writer = PredictionWriter(run.combine, split, n, ensemble.num_classes,

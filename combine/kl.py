@@ -100,9 +100,9 @@ def _kl_combine(gen_log_probs, groups, spec_log_probs, top_n, solver, max_iter, 
     check_row_max(row_max)
     if out is None:
         out = torch.empty_like(gen)
-    elif out.shape != gen.shape or out.dtype != gen.dtype or out.device != gen.device:
-        raise SpecdistillError(f"out is {tuple(out.shape)} {out.dtype} on {out.device}; it must match gen_log_probs "
-                               f"({tuple(gen.shape)} {gen.dtype} on {gen.device})")
+    elif out.shape != gen.shape or out.dtype != gen.dtype or out.device != gen.device or not out.is_contiguous():
+        raise SpecdistillError(f"out is {tuple(out.shape)} {out.dtype} on {out.device}; it must be a contiguous "
+                               f"tensor like gen_log_probs ({tuple(gen.shape)} {gen.dtype} on {gen.device})")
     iterations = torch.zeros(B, dtype=torch.int64, device=gen.device)
     for start in range(0, B, chunk_size):
         stop = min(B, start + chunk_size)
@@ -117,7 +117,7 @@ def _kl_combine(gen_log_probs, groups, spec_log_probs, top_n, solver, max_iter, 
             shift = torch.zeros(stop - start, dtype=gen.dtype, device=gen.device)
             shift[problem.rows] = rest_shift(problem, lQ).to(gen.dtype)
             torch.add(gen[start:stop], shift[:, None], out=out[start:stop])
-            out[rows[problem.atom_ex], problem.atom_class] = atoms_log_q(problem, lQ).to(gen.dtype)
+            out[start:stop].view(-1).index_copy_(0, problem.atom_flat, atoms_log_q(problem, lQ).to(gen.dtype))
         else:
             out[start:stop] = gen[start:stop]
             lq, info = solve_gradient(problem, gen[rows], max_iter, tol)

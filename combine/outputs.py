@@ -18,6 +18,7 @@ with the specialists' active rows, never with N x K.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -53,8 +54,12 @@ class Chunk:
 
     def active(self, membership: torch.Tensor, top_n: int) -> torch.Tensor:
         """[r, M] the paper's rule, from the stored top classes (never from recomputed values)."""
-        ids = self.top1[:, None] if top_n == 1 else self.top[:, :top_n]
-        return membership[ids].any(dim=1)
+        return top_n_rule(self.top1, self.top, membership, top_n)
+
+
+def top_n_rule(top1: torch.Tensor, top: torch.Tensor, membership: torch.Tensor, top_n: int) -> torch.Tensor:
+    """[r, M] specialist m is active where its group holds one of the row's ``top_n`` classes."""
+    return membership[top1[:, None] if top_n == 1 else top[:, :top_n]].any(dim=1)
 
 
 class SplitOutputs:
@@ -116,8 +121,6 @@ class SplitOutputs:
         """Run ``ensemble`` (:class:`combine.ensemble.Ensemble`, uncalibrated outputs) on a split: the
         generalist on every image a chunk at a time, then each specialist on the images where any of
         ``top_ns`` may activate it. ``timings`` gets ``generalist_s`` and ``specialists_s``."""
-        import time
-
         n, K = len(labels), ensemble.num_classes
         chunk_rows = chunk_rows_for(K)
         hold = 4 * n * K <= limit_bytes
@@ -140,7 +143,7 @@ class SplitOutputs:
         membership = membership_matrix(ensemble.groups, K)
         needed = torch.zeros(n, len(ensemble), dtype=torch.bool)
         for top_n in set(top_ns):
-            needed |= membership[top1[:, None] if top_n == 1 else top[:, :top_n]].any(dim=1)
+            needed |= top_n_rule(top1, top, membership, top_n)
         began = time.perf_counter()
         spec_rows, spec_values = [], []
         for m in range(len(ensemble)):
@@ -181,8 +184,7 @@ class SplitOutputs:
 
     def active(self, top_n: int) -> torch.Tensor:
         """[N, M] the top-n rule over the whole split (N x M bools: small)."""
-        ids = self.top1[:, None] if top_n == 1 else self.top[:, :top_n]
-        return self.membership[ids].any(dim=1)
+        return top_n_rule(self.top1, self.top, self.membership, top_n)
 
     def specialist_rows(self, m: int, rows: torch.Tensor) -> torch.Tensor:
         """Specialist m's uncalibrated outputs on ``rows`` (sorted example ids it was run on)."""

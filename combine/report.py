@@ -92,10 +92,11 @@ def render_markdown(result: CombineResult) -> str:
                    f"{m['nll']:.4f}", f"{m['ece']:.4f}", _pct(m["conditional_accuracy"])]
                   for name, m in test.systems.items()],
                  align="l" + "r" * (len(splits) + 4)),
-        "",
-        "The average and the product map each specialist to all K classes by spreading its dustbin "
-        "probability over the classes outside its group in proportion to the generalist's "
-        "probabilities there; they use the same active specialists as the ensemble.",
+        *(["", "The average and the product map each specialist to all K classes by spreading its dustbin "
+            "probability over the classes outside its group in proportion to the generalist's "
+            "probabilities there; they use the same active specialists as the ensemble."]
+          if "average" in test.systems else
+          ["", "Only the configured combiner was scored (`combine.alternatives: false`)."]),
         "",
         "## Timings",
         "",

@@ -144,28 +144,10 @@ def _free_port() -> int:
 
 def _generalist_and_groups(run_dir, config_path) -> None:
     """The run directory as stages 1-2 leave it for the specialists: a small generalist, the planted groups."""
-    import torch
-
     from specdistill.config import load_config
-    from specdistill.data import load_data
-    from specdistill.data.loading import train_loader
-    from specdistill.engine import fit
-    from specdistill.models import build_model, save_classifier
-    from specdistill.records import Clusters, Group
-    from specdistill.rundir import RunDir
+    from testkit.runs import write_generalist_and_groups
 
-    cfg = load_config(config_path)
-    ds = load_data(cfg.data, cfg.seed)
-    torch.manual_seed(0)
-    model = build_model(cfg.generalist.model, ds.num_classes, ds.channels, ds.image_size)
-    fit(model, train_loader(ds.train, 64, 0), ds.val, cfg.generalist.train.model_copy(update={"epochs": 2}),
-        progress=False, device="cpu")
-    run = RunDir.at(run_dir)
-    save_classifier(run.generalist_weights, model, {
-        "class_names": ds.class_names, "num_classes": ds.num_classes, "channels": ds.channels,
-        "image_size": ds.image_size, "model": cfg.generalist.model.model_dump(mode="json")})
-    Clusters(ds.num_classes, ds.class_names, [Group(m, list(g), [ds.class_names[c] for c in g])
-                                              for m, g in enumerate(ds.meta["groups"])]).write(run.clusters)
+    write_generalist_and_groups(load_config(config_path), run_dir, epochs=2)
 
 
 def _start_head(temp_dir, env):

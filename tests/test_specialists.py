@@ -271,26 +271,10 @@ def _stage_config(run_dir, **specialists) -> Config:
 
 def _write_run(run_dir, groups=None) -> Config:
     """A run directory as stages 1-2 leave it: a small trained generalist and clusters.json."""
-    from specdistill.artifacts import write_json
-    from specdistill.data import load_data
-    from specdistill.models import save_classifier
-    from specdistill.records import Clusters, Group
-    from specdistill.rundir import RunDir
+    from testkit.runs import write_generalist_and_groups
 
     cfg = _stage_config(run_dir)
-    ds = load_data(cfg.data, cfg.seed)
-    torch.manual_seed(0)
-    model = build_model(cfg.generalist.model, ds.num_classes, ds.channels, ds.image_size)
-    fit(model, train_loader(ds.train, 64, 0), ds.val, cfg.generalist.train.model_copy(update={"epochs": 3}),
-        progress=False, device="cpu")
-    meta = {"class_names": ds.class_names, "num_classes": ds.num_classes, "channels": ds.channels,
-            "image_size": ds.image_size, "model": cfg.generalist.model.model_dump(mode="json")}
-    run = RunDir.at(run_dir)
-    save_classifier(run.generalist_weights, model, meta)
-    write_json(run.generalist_meta, meta)
-    groups = groups or ds.meta["groups"]                             # the planted look-alike groups
-    Clusters(ds.num_classes, ds.class_names,
-             [Group(m, list(g), [ds.class_names[c] for c in g]) for m, g in enumerate(groups)]).write(run.clusters)
+    write_generalist_and_groups(cfg, run_dir, epochs=3, groups=groups)
     return cfg
 
 
