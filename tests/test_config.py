@@ -83,3 +83,21 @@ def test_options_added_later_keep_finished_runs_finished_where_they_change_nothi
     cropped = load_config("configs/quickstart.yaml", ["data.source=imagefolder", "data.root=/data",
                                                        "data.crop_scale=[0.5,1.0]"])
     assert stage_hash(cropped, "generalist") != natural_base
+
+
+def test_new_options_keep_old_hashes_and_check_each_other():
+    """clustering.max_size and combine.alternatives at their defaults leave every stage hash as it was
+    (finished run directories stay finished); set, they enter it; combine.memory_limit_mb never does
+    (how combine runs, not what it makes). max_size below min_size is one line naming both."""
+    base = load_config("configs/quickstart.yaml")
+    for stage in ("clustering", "combine"):
+        assert stage_hash(load_config("configs/quickstart.yaml", ["clustering.max_size=null"]), stage) == \
+            stage_hash(base, stage)
+    assert stage_hash(load_config("configs/quickstart.yaml", ["clustering.max_size=50"]), "clustering") != \
+        stage_hash(base, "clustering")
+    assert stage_hash(load_config("configs/quickstart.yaml", ["combine.alternatives=false"]), "combine") != \
+        stage_hash(base, "combine")
+    assert stage_hash(load_config("configs/quickstart.yaml", ["combine.memory_limit_mb=1"]), "combine") == \
+        stage_hash(base, "combine")
+    with pytest.raises(SpecdistillError, match="clustering.max_size .* below clustering.min_size"):
+        load_config("configs/quickstart.yaml", ["clustering.max_size=1", "clustering.min_size=2"])
