@@ -85,15 +85,12 @@ class Ensemble:
         logits = predict_logits(self.generalist, images, self.batch_size, self.device)
         return apply_temperature(torch.log_softmax(logits, dim=1), self.calibration.generalist)
 
-    def specialist_log_probs(self, m: int, images: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """[B, |S_m| + 1] dustbin-corrected, calibrated log-probabilities of specialist m, on the CPU."""
+    def specialist_log_probs(self, m: int, images: np.ndarray | torch.Tensor, calibrated: bool = True) -> torch.Tensor:
+        """[B, |S_m| + 1] dustbin-corrected log-probabilities of specialist m, on the CPU; calibrated unless
+        ``calibrated=False`` (the combine stage fits the calibration on those)."""
+        tau = self.calibration.specialists[m] if calibrated else 1.0
         return specialist_log_probs(self.specialists[m], images, self.infos[m].dustbin_correction,
-                                    self.batch_size, self.device, self.calibration.specialists[m]).cpu()
-
-    def raw_specialist_log_probs(self, m: int, images: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """As :meth:`specialist_log_probs` without the calibration (the combine stage fits it on these)."""
-        return specialist_log_probs(self.specialists[m], images, self.infos[m].dustbin_correction,
-                                    self.batch_size, self.device).cpu()
+                                    self.batch_size, self.device, tau).cpu()
 
     def specialist_outputs(self, images: np.ndarray, active: torch.Tensor) -> list[torch.Tensor]:
         """Each specialist's [B, |S_m| + 1] rows where ``active[:, m]``; rows it skips are zeros, never read."""

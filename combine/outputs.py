@@ -149,8 +149,8 @@ class SplitOutputs:
         for m in range(len(ensemble)):
             rows = needed[:, m].nonzero().squeeze(1)
             spec_rows.append(rows)
-            spec_values.append(ensemble.raw_specialist_log_probs(m, take(images, rows.numpy())) if len(rows)
-                               else torch.zeros(0, len(ensemble.groups[m]) + 1))
+            spec_values.append(ensemble.specialist_log_probs(m, take(images, rows.numpy()), calibrated=False)
+                               if len(rows) else torch.zeros(0, len(ensemble.groups[m]) + 1))
         if timings is not None:
             timings.update(generalist_s=generalist_s, specialists_s=time.perf_counter() - began,
                            specialist_images=int(needed.sum()), num_specialists=len(ensemble),
