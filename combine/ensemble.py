@@ -116,7 +116,7 @@ class Ensemble:
         active = self.active(gen_log_probs, rule.top_n) if active is None else active
         return kl_combine(gen_log_probs.to(self.device), [g.to(self.device) for g in self.groups],
                           [o.to(self.device) for o in outputs], solver=rule.solver, max_iter=rule.max_iter,
-                          tol=rule.tol, active=active.to(self.device)).float().cpu()
+                          tol=rule.tol, active=active.to(self.device), weights=self.gate.weights).float().cpu()
 
     def log_probs(self, images: np.ndarray, rule: CombineConfig) -> torch.Tensor:
         """[B, K] log q of the ensemble for uint8 images: generalist, active specialists, KL combiner."""

@@ -22,7 +22,7 @@ from combine.baselines import average_of_distributions, product_of_experts
 from combine.calibration import Calibration, fit_calibration
 from combine.diagnose import causes_by_coverage, change_causes
 from combine.ensemble import Ensemble
-from combine.gating import Gate, fit_gate
+from combine.gating import Gate, fit_gate, fit_weights
 from combine.inputs import check_inputs
 from combine.kl import kl_combine
 from combine.metrics import SystemTally, table4, top1_correct
@@ -73,7 +73,8 @@ def evaluate_outputs(outputs: SplitOutputs, rule: CombineConfig, num_core: Seque
     log-probabilities of every system (to store the ensemble's, say); ``desc`` names a progress bar.
     """
     groups, K, membership = outputs.groups, outputs.num_classes, outputs.membership
-    gated = gate is not None and gate.kind != "none"
+    gated = gate is not None and not gate.is_open
+    weights = gate.weights if gated else None
     top_ns = compared_top_n(rule)
     main = ensemble_system(rule)
     specialist_classes = torch.unique(torch.cat(groups)) if groups else torch.zeros(0, dtype=torch.int64)
@@ -89,7 +90,7 @@ def evaluate_outputs(outputs: SplitOutputs, rule: CombineConfig, num_core: Seque
             rule_active = chunk.active(membership, n)
             active = gate.apply(rule_active, chunk.gen) if gated else rule_active
             lq, info = kl_combine(chunk.gen, groups, chunk.specs, solver=rule.solver, max_iter=rule.max_iter,
-                                  tol=rule.tol, active=active, return_info=True)
+                                  tol=rule.tol, active=active, return_info=True, weights=weights)
             timings[f"kl_top{n}_s"] += time.perf_counter() - began
             systems[f"kl_top{n}"] = lq
             if n == rule.top_n:
@@ -187,6 +188,8 @@ def run_combine(cfg: Config, force: bool = False) -> CombineResult:
             split_outputs.calibration = ensemble.calibration
     if cfg.combine.gate != "none":   # chosen on the held-out split, applied unchanged to test
         ensemble.gate = fit_gate(cfg.combine.gate, outputs["val"], cfg.combine)
+    if cfg.combine.weighting == "fitted":   # per-specialist weights, held-out data too, within the gate
+        ensemble.gate = fit_weights(outputs["val"], cfg.combine, ensemble.gate)
     main, evaluations = ensemble_system(cfg.combine), {}
     run.done("combine").unlink(missing_ok=True)   # files are rewritten from here on: done only at the end
     for split, split_outputs in outputs.items():   # dense where small, else each row's top-k (specdistill.predictions)
@@ -203,7 +206,7 @@ def run_combine(cfg: Config, force: bool = False) -> CombineResult:
     result = CombineResult(num_classes=ensemble.num_classes, num_specialists=len(ensemble), top_n=cfg.combine.top_n,
                            solver=cfg.combine.solver, ensemble=main,
                            splits=evaluations, specialist_ids=ensemble.ids,
-                           gate=asdict(ensemble.gate) if ensemble.gate.kind != "none" else None)
+                           gate=None if ensemble.gate.is_open else asdict(ensemble.gate))
     write_combine(run, result, ensemble)
     mark_done(run.root, "combine", config_hash)
     for line in summary_lines(result):
@@ -243,7 +246,7 @@ def write_combine(run: RunDir, result: CombineResult, ensemble: Ensemble) -> Non
     """The stage's records but its predictions and done.json: calibration and gate (what the student's
     teacher applies), eval.json, the report."""
     for path, record, used in ((run.calibration, ensemble.calibration, ensemble.calibration.split != "none"),
-                               (run.gating, ensemble.gate, ensemble.gate.kind != "none")):
+                               (run.gating, ensemble.gate, not ensemble.gate.is_open)):
         if used:
             record.write(path)
         else:

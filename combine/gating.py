@@ -13,7 +13,13 @@ ensemble teacher:
   (Bochereau & Bourgine 1990: ask the expert when the generalist is unsure);
 * ``both``: the kept specialists, below the threshold.
 
-``combine/gating.json`` records the gate; a gate fitted for another set of specialists is refused.
+With ``combine.weighting: fitted`` each consulted specialist also gets a weight in the KL objective
+(eq. 5 with ``w_m KL(p_m || q_m)``; the generalist's weight is 1): the one of :data:`WEIGHT_GRID` with
+the lowest held-out log-loss on the held-out examples where it speaks (:func:`fit_weights`). 0 silences
+it, below 1 it has less say than the generalist.
+
+``combine/gating.json`` records the gate and the weights; one fitted for another set of specialists is
+refused.
 """
 
 from __future__ import annotations
@@ -34,6 +40,8 @@ if TYPE_CHECKING:
     from combine.outputs import SplitOutputs
 
 GATES = ("none", "group_gain", "confidence", "both")
+WEIGHT_GRID = (0.0, 0.25, 0.5, 1.0, 2.0)
+WEIGHT_ROUNDS = 2   # each round refits every weight with the others at the previous round's values
 
 
 @dataclass
@@ -42,14 +50,23 @@ class Gate:
     keep: list[bool]                 # per specialist, in the ensemble's order
     threshold: float = 1.0           # consult specialists where the generalist's top probability < threshold
     held_out: dict | None = None     # what the choice was made on: accuracies, candidates
+    weights: list[float] | None = None   # per specialist, its weight in the KL objective (None: all 1)
 
     @classmethod
     def open(cls, num_specialists: int) -> Gate:
         return cls("none", [True] * num_specialists, 1.0)
 
+    @property
+    def is_open(self) -> bool:
+        """Every specialist speaks wherever the top-n rule says, with the paper's equal weight."""
+        return self.kind == "none" and self.weights is None
+
     def apply(self, active: torch.Tensor, gen_log_probs: torch.Tensor) -> torch.Tensor:
-        """The [B, M] active mask with the gate's closed specialists and confident examples removed."""
+        """The [B, M] active mask with the gate's closed specialists (weight 0 included) and confident
+        examples removed."""
         keep = torch.as_tensor(self.keep, dtype=torch.bool, device=active.device)
+        if self.weights is not None:
+            keep = keep & (torch.as_tensor(self.weights, device=active.device) > 0)
         unsure = gen_log_probs.max(dim=1).values.exp() < self.threshold if self.threshold < 1.0 else \
             torch.ones(len(active), dtype=torch.bool, device=active.device)
         return active & keep[None, :] & unsure[:, None]
@@ -64,14 +81,78 @@ class Gate:
             found = len(raw["keep"]) if isinstance(raw, dict) and isinstance(raw.get("keep"), list) else 0
             raise SpecdistillError(f"{path} gates {found} specialists but the run has {num_specialists}; rerun the "
                                    "combine stage (specdistill run CONFIG --from combine)")
+        weights = raw.get("weights")
+        if weights is not None and (not isinstance(weights, list) or len(weights) != num_specialists):
+            raise SpecdistillError(f"{path} weights {len(weights) if isinstance(weights, list) else 0} specialists "
+                                   f"but the run has {num_specialists}; rerun the combine stage "
+                                   "(specdistill run CONFIG --from combine)")
         return cls(str(raw.get("kind", "none")), [bool(k) for k in raw["keep"]], float(raw.get("threshold", 1.0)),
-                   raw.get("held_out"))
+                   raw.get("held_out"), None if weights is None else [float(w) for w in weights])
 
 
 def _correct(gen: torch.Tensor, groups: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor],
              active: torch.Tensor, labels: torch.Tensor, rule) -> torch.Tensor:
     q = kl_combine(gen, groups, outputs, solver=rule.solver, max_iter=rule.max_iter, tol=rule.tol, active=active)
     return q.argmax(1) == labels
+
+
+def fit_weights(outputs: SplitOutputs, rule, gate: Gate, progress: Callable[[str], None] = print) -> Gate:
+    """Per-specialist weights in the KL objective, fitted on these held-out outputs within ``gate``.
+
+    For each specialist, every weight of :data:`WEIGHT_GRID` is tried on the held-out examples where
+    it speaks, the other specialists at their current weights, and the one with the lowest log-loss
+    (the negative log-probability of the true class) is kept; :data:`WEIGHT_ROUNDS` rounds, each one
+    pass over the outputs. A specialist that never speaks on held-out data keeps weight 1. Returns
+    the gate with ``weights`` set and the held-out record extended.
+    """
+    groups, M, N = outputs.groups, len(outputs.groups), max(1, len(outputs))
+    weights = np.ones(M)
+    record = dict(gate.held_out or {})
+    rounds = []
+    for r in range(WEIGHT_ROUNDS):
+        loss = np.zeros((M, len(WEIGHT_GRID)))
+        right = np.zeros((M, len(WEIGHT_GRID)), dtype=np.int64)
+        seen = np.zeros(M, dtype=np.int64)
+        for c in outputs.chunks(f"weights, held-out round {r + 1}"):
+            active = gate.apply(c.active(outputs.membership, rule.top_n), c.gen)
+            for m in np.flatnonzero(active.any(dim=0).numpy()):
+                rows = active[:, m]
+                sub_gen, sub_specs, sub_active = c.gen[rows], [o[rows] for o in c.specs], active[rows]
+                labels = c.labels[rows]
+                seen[m] += len(labels)
+                for j, w in enumerate(WEIGHT_GRID):
+                    trial = torch.as_tensor(weights)
+                    trial[m] = w
+                    q = kl_combine(sub_gen, groups, sub_specs, solver=rule.solver, max_iter=rule.max_iter,
+                                   tol=rule.tol, active=sub_active, weights=trial)
+                    loss[m, j] -= float(q.gather(1, labels[:, None]).double().sum())
+                    right[m, j] += int((q.argmax(1) == labels).sum())
+        spoke = seen > 0
+        weights = np.where(spoke, np.asarray(WEIGHT_GRID)[loss.argmin(axis=1)], 1.0)
+        rounds.append({"weights": weights.tolist(), "examples": seen.tolist(),
+                       "log_loss": (loss / np.maximum(seen, 1)[:, None]).round(5).tolist(),
+                       "correct": right.tolist()})
+    equal = Gate(gate.kind, gate.keep, gate.threshold)
+    gate.weights = weights.tolist()
+    right_total = right_equal = right_gen = 0
+    for c in outputs.chunks("weights, held-out score"):
+        rule_active = c.active(outputs.membership, rule.top_n)
+        for g in (gate, equal):
+            q = kl_combine(c.gen, groups, c.specs, solver=rule.solver, max_iter=rule.max_iter, tol=rule.tol,
+                           active=g.apply(rule_active, c.gen), weights=g.weights)
+            w = g.weights
+            n_right = int((q.argmax(1) == c.labels).sum())
+            right_total, right_equal = (right_total + n_right, right_equal) if w is not None else \
+                (right_total, right_equal + n_right)
+        right_gen += int((c.gen.argmax(1) == c.labels).sum())
+    record.update({"weight_grid": list(WEIGHT_GRID), "weight_rounds": rounds, "generalist_acc": right_gen / N,
+                   "equal_weights_acc": right_equal / N, "weighted_acc": right_total / N})
+    gate.held_out = record
+    counts = {w: int((weights == w).sum()) for w in WEIGHT_GRID}
+    progress("combine: weights fitted on held-out data (log-loss): "
+             + ", ".join(f"{n} at {w:g}" for w, n in counts.items() if n)
+             + f"; held-out accuracy {right_total / N:.4f}")
+    return gate
 
 
 def fit_gate(kind: str, outputs: SplitOutputs, rule, progress: Callable[[str], None] = print) -> Gate:

@@ -22,6 +22,7 @@ class CombineInputs:
     spec_log_probs: list[torch.Tensor]   # M tensors [B, |S_m| + 1], dustbin last
     covers_all: list[bool]               # group m holds every class: its dustbin is empty
     values_checked: bool = True          # False: the specialists' NaN check is left to the reader
+    weights: torch.Tensor | None = None  # [M] float64 weight of each specialist's KL term (None: all 1)
 
     @property
     def num_classes(self) -> int:
@@ -47,7 +48,7 @@ def _check_values(x: torch.Tensor, what: str) -> None:
 
 
 def check_inputs(gen_log_probs, groups: Sequence, spec_log_probs: Sequence,
-                 check_values: bool = True) -> CombineInputs:
+                 check_values: bool = True, weights=None) -> CombineInputs:
     """Validate shapes, class ids and values; move everything to the generalist's device.
 
     ``check_values=False`` leaves the NaN checks to the caller: the combiner checks the generalist
@@ -98,7 +99,19 @@ def check_inputs(gen_log_probs, groups: Sequence, spec_log_probs: Sequence,
         out_groups.append(g)
         out_specs.append(s)
         covers_all.append(g.numel() == K)
-    return CombineInputs(gen, out_groups, out_specs, covers_all, check_values)
+    return CombineInputs(gen, out_groups, out_specs, covers_all, check_values,
+                         _check_weights(weights, len(out_groups), device))
+
+
+def _check_weights(weights, num_specialists: int, device: torch.device) -> torch.Tensor | None:
+    if weights is None:
+        return None
+    w = _as_tensor(weights if not isinstance(weights, (list, tuple)) else list(map(float, weights)), "weights")
+    w = w.to(device=device, dtype=torch.float64)
+    if w.shape != (num_specialists,) or not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
+        raise SpecdistillError(f"weights must be {num_specialists} finite numbers >= 0, one per specialist "
+                               f"(got shape {tuple(w.shape)}); leave them out for the paper's equal weights")
+    return w
 
 
 def check_row_max(row_max: torch.Tensor) -> None:

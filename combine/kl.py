@@ -10,7 +10,7 @@ import torch
 from combine.activation import membership_matrix, top_classes
 from combine.inputs import check_active, check_inputs, check_row_max, normalise_specialist
 from combine.problem import build_problem
-from combine.solvers import atoms_log_q, rest_shift, solve_fixed_point, solve_gradient
+from combine.solvers import solve_fixed_point, solve_gradient, write_log_q
 from specdistill.errors import SpecdistillError
 from specdistill.threads import torch_threads
 
@@ -20,16 +20,17 @@ SOLVERS = ("fixed_point", "em", "gradient")
 def kl_combine(gen_log_probs: torch.Tensor, groups: Sequence, spec_log_probs: Sequence,
                top_n: int = 1, solver: str = "fixed_point", max_iter: int = 200, tol: float = 1e-9,
                active: torch.Tensor | None = None, chunk_size: int = 4096,
-               return_info: bool = False, out: torch.Tensor | None = None):
+               return_info: bool = False, out: torch.Tensor | None = None, weights=None):
     """Combine a generalist with its specialists, per example (Hinton et al. 2015, section 5.4).
 
     For each example: take the generalist's ``top_n`` most probable classes; every specialist whose
     group contains one of them is *active*; return the distribution q over all K classes that
     minimises
 
-        KL(p_g || q) + sum over active m of KL(p_m || q_m),
+        KL(p_g || q) + sum over active m of w_m KL(p_m || q_m),
 
-    where q_m is q on specialist m's classes plus, in its dustbin, all of q outside them.
+    where q_m is q on specialist m's classes plus, in its dustbin, all of q outside them, and the
+    weights w_m are 1 (the paper's eq. 5) unless given.
     Inactive specialists contribute nothing; an example with no active specialist gets q = p_g
     exactly (the same values, not a recomputation).
 
@@ -58,6 +59,9 @@ def kl_combine(gen_log_probs: torch.Tensor, groups: Sequence, spec_log_probs: Se
         out: a [B, K] tensor (dtype and device of ``gen_log_probs``) to write log q into. A server that
             reuses one per batch saves the first touch of a fresh [B, K] array, which at K = 15,000 cost
             more than the pass that fills it (BENCHMARKS.md).
+        weights: optional M non-negative weights, one per specialist (the generalist's is 1): how much
+            say each specialist has beside the generalist (``combine.weights``, fitted on held-out
+            data); 0 silences a specialist, 2 counts it twice.
 
     Returns:
         log q, [B, K], dtype and device of ``gen_log_probs``; log space throughout, so classes whose
@@ -72,12 +76,12 @@ def kl_combine(gen_log_probs: torch.Tensor, groups: Sequence, spec_log_probs: Se
     # (measured: 40x slower with 2 threads on a loaded 2-core box). Use processes for more cores.
     with torch.no_grad(), torch_threads(1 if device.type == "cpu" else None):
         return _kl_combine(gen_log_probs, groups, spec_log_probs, top_n, solver, max_iter, tol, active,
-                           chunk_size, return_info, out)
+                           chunk_size, return_info, out, weights)
 
 
 def _kl_combine(gen_log_probs, groups, spec_log_probs, top_n, solver, max_iter, tol, active, chunk_size,
-                return_info, out):
-    inputs = check_inputs(gen_log_probs, groups, spec_log_probs, check_values=False)
+                return_info, out, weights):
+    inputs = check_inputs(gen_log_probs, groups, spec_log_probs, check_values=False, weights=weights)
     gen = inputs.gen_log_probs
     B, K = gen.shape
     if solver not in SOLVERS:
@@ -113,11 +117,7 @@ def _kl_combine(gen_log_probs, groups, spec_log_probs, top_n, solver, max_iter, 
         rows = problem.rows + start
         if solver in ("fixed_point", "em"):
             lQ, info = solve_fixed_point(problem, max_iter, tol, accelerate=solver == "fixed_point")
-            # classes in no active group keep p_g's shape (one pass over [B, K]), then the atoms
-            shift = torch.zeros(stop - start, dtype=gen.dtype, device=gen.device)
-            shift[problem.rows] = rest_shift(problem, lQ).to(gen.dtype)
-            torch.add(gen[start:stop], shift[:, None], out=out[start:stop])
-            out[start:stop].view(-1).index_copy_(0, problem.atom_flat, atoms_log_q(problem, lQ).to(gen.dtype))
+            write_log_q(problem, lQ, gen[start:stop], out[start:stop])
         else:
             out[start:stop] = gen[start:stop]
             lq, info = solve_gradient(problem, gen[rows], max_iter, tol)
@@ -132,18 +132,19 @@ def _slice(inputs, start: int, stop: int):
     if start == 0 and stop == inputs.gen_log_probs.shape[0]:
         return inputs
     return type(inputs)(inputs.gen_log_probs[start:stop], inputs.groups,
-                        [s[start:stop] for s in inputs.spec_log_probs], inputs.covers_all, inputs.values_checked)
+                        [s[start:stop] for s in inputs.spec_log_probs], inputs.covers_all, inputs.values_checked,
+                        inputs.weights)
 
 
 def kl_objective(log_q: torch.Tensor, gen_log_probs: torch.Tensor, groups: Sequence,
-                 spec_log_probs: Sequence, active: torch.Tensor) -> torch.Tensor:
-    """KL(p_g || q) + sum over active m of KL(p_m || q_m), per example ([B], float64).
+                 spec_log_probs: Sequence, active: torch.Tensor, weights=None) -> torch.Tensor:
+    """KL(p_g || q) + sum over active m of w_m KL(p_m || q_m), per example ([B], float64).
 
     Straight from the definition (q_m built by summing q outside the group), so tests and benchmarks
     can judge any solver by it. A group holding every class has its dustbin dropped, as in
     :func:`kl_combine`. Differentiable in ``log_q``.
     """
-    inputs = check_inputs(gen_log_probs, groups, spec_log_probs)
+    inputs = check_inputs(gen_log_probs, groups, spec_log_probs, weights=weights)
     lq = log_q.double()
     lg = torch.log_softmax(inputs.gen_log_probs.double(), dim=1)
     total = _kl(lg, lq)
@@ -156,7 +157,8 @@ def kl_objective(log_q: torch.Tensor, gen_log_probs: torch.Tensor, groups: Seque
         outside[group] = False
         lq_rows = lq[rows]
         lq_m = torch.cat([lq_rows[:, group], lq_rows[:, outside].logsumexp(dim=1, keepdim=True)], dim=1)
-        total = total.index_add(0, rows, _kl(normalise_specialist(spec[rows], inputs.covers_all[m]), lq_m))
+        w = 1.0 if inputs.weights is None else float(inputs.weights[m])
+        total = total.index_add(0, rows, w * _kl(normalise_specialist(spec[rows], inputs.covers_all[m]), lq_m))
     return total
 
 

@@ -129,11 +129,22 @@ def _gate_lines(result: CombineResult) -> list[str]:
     if not result.gate:
         return []
     g, record = result.gate, result.gate.get("held_out") or {}
-    kept = sum(g["keep"])
-    where = f", only where the generalist's top probability is below {g['threshold']:.3f}" if g["threshold"] < 1 else ""
-    return ["", f"Gate `{g['kind']}` (combine.gate, fitted on the held-out split): {kept} of {len(g['keep'])} "
-            f"specialists consulted{where}. Held-out accuracy: generalist {_pct(record.get('generalist_acc'))}, "
-            f"ungated ensemble {_pct(record.get('ungated_acc'))}, gated {_pct(record.get('gated_acc'))}."]
+    lines = [""]
+    if g["kind"] != "none":
+        kept = sum(g["keep"])
+        where = f", only where the generalist's top probability is below {g['threshold']:.3f}" if g["threshold"] < 1 \
+            else ""
+        lines.append(f"Gate `{g['kind']}` (combine.gate, fitted on the held-out split): {kept} of {len(g['keep'])} "
+                     f"specialists consulted{where}. Held-out accuracy: generalist "
+                     f"{_pct(record.get('generalist_acc'))}, ungated ensemble {_pct(record.get('ungated_acc'))}, "
+                     f"gated {_pct(record.get('gated_acc'))}.")
+    if g.get("weights") is not None:
+        weights = [w for w, k in zip(g["weights"], g["keep"]) if k]
+        counts = ", ".join(f"{weights.count(w)} at {w:g}" for w in sorted(set(weights)))
+        lines.append(f"Weights in the KL objective (combine.weighting: fitted, by held-out log-loss; the generalist's "
+                     f"is 1): {counts}. Held-out accuracy with equal weights {_pct(record.get('equal_weights_acc'))}, "
+                     f"fitted {_pct(record.get('weighted_acc'))}.")
+    return lines
 
 
 def _causes_section(result: CombineResult, splits: list[str]) -> list[str]:

@@ -174,7 +174,27 @@ def solve_fixed_point(problem: CompactProblem, max_iter: int = 200, tol: float =
 def atoms_log_q(problem: CompactProblem, lQ: torch.Tensor) -> torch.Tensor:
     """log q of every atom from its cell's mass: q stays proportional to c inside a cell."""
     cell = problem.atom_cell
-    return problem.log_c_atom + (lQ[cell] - problem.log_C[cell])
+    return problem.log_c_atom + (lQ - problem.log_C).index_select(0, cell)
+
+
+def write_log_q(problem: CompactProblem, lQ: torch.Tensor, gen: torch.Tensor, out: torch.Tensor,
+                block: int = 16) -> None:
+    """Write the solution over all K classes into ``out`` ([B, K] like ``gen``, the batch's rows):
+    classes in no active group keep p_g's shape (shifted by the rest cell's change), the atoms get
+    :func:`atoms_log_q`. By blocks of rows, so each block's atoms are written while it is in cache
+    (the atoms are sorted by example, hence by position)."""
+    B, K = gen.shape
+    shift = torch.zeros(B, dtype=gen.dtype, device=gen.device)
+    shift[problem.rows] = rest_shift(problem, lQ).to(gen.dtype)
+    values = atoms_log_q(problem, lQ).to(gen.dtype)
+    flat = problem.atom_flat
+    bounds = torch.searchsorted(flat, torch.arange(0, B + block, block, device=gen.device).clamp(max=B) * K).tolist()
+    for i, start in enumerate(range(0, B, block)):
+        stop = min(B, start + block)
+        torch.add(gen[start:stop], shift[start:stop, None], out=out[start:stop])
+        lo, hi = bounds[i], bounds[i + 1]
+        if hi > lo:
+            out[start:stop].view(-1).index_copy_(0, flat[lo:hi] - start * K, values[lo:hi])
 
 
 def rest_shift(problem: CompactProblem, lQ: torch.Tensor) -> torch.Tensor:

@@ -188,6 +188,9 @@ class CombineConfig(_Section):
     # (keep the specialists that gain on their held-out examples), confidence (only where the
     # generalist's top probability is below a held-out-chosen threshold), both
     gate: Literal["none", "group_gain", "confidence", "both"] = "none"
+    # each consulted specialist's weight in the KL objective (eq. 5): equal (1, the paper's) or fitted
+    # on held-out data per specialist from a small grid by log-loss (combine/gating.py: fit_weights)
+    weighting: Literal["equal", "fitted"] = "equal"
     # a split's generalist log-probabilities are held whole up to this size ([N, K] float32); beyond it
     # the generalist runs again for each chunk of rows a step reads (combine/outputs.py): memory bounded
     # at any N, the same numbers
@@ -310,7 +313,7 @@ _NEUTRAL_DEFAULTS: dict[str, Any] = {"mean": None, "std": None, "weights": None,
                                      "predictions": "auto", "predictions_top_k": 64,
                                      "dense_predictions_limit_mb": 1024.0,
                                      "eval_limit": None, "alternatives": True,
-                                     "max_size": None}
+                                     "max_size": None, "weighting": "equal"}
 # data options only natural-image sources read; their recipe changed with them (crop + flip instead
 # of the glyph jitter), so for those sources they stay in the hash and older runs are redone
 _NATURAL_ONLY: dict[str, Any] = {"crop_scale": [0.08, 1.0], "stream": "auto"}

@@ -124,7 +124,7 @@ def ensemble_teacher(cfg: Config, dataset: Dataset, device: torch.device, batch_
     check_class_count(ensemble.num_classes, dataset, "generalist")
     if cfg.combine.calibrate:
         ensemble.calibration = Calibration.read(run.calibration, len(ensemble))
-    if cfg.combine.gate != "none":
+    if cfg.combine.gate != "none" or cfg.combine.weighting != "equal":
         ensemble.gate = Gate.read(run.gating, len(ensemble))
     return lambda images: ensemble.log_probs(images, cfg.combine)
 

@@ -130,6 +130,71 @@ def test_cells_give_the_same_optimum_as_em_over_all_classes():
         assert torch.allclose(torch.exp(ours), torch.exp(lq), atol=1e-9), solver
 
 
+def test_more_active_specialists_than_one_mask_word():
+    """70 specialists active at once: cell masks span two int64 words, and rows with different
+    active sets share one batch. The cell solver agrees with dense EM over every class."""
+    g = torch.Generator().manual_seed(21)
+    K, M, B = 16, 70, 5
+    gen = torch.log_softmax(torch.randn(B, K, generator=g, dtype=torch.float64), 1)
+    groups = [torch.randperm(K, generator=g)[:int(torch.randint(1, 5, (1,), generator=g))] for _ in range(M)]
+    specs = [torch.log_softmax(torch.randn(B, len(gr) + 1, generator=g, dtype=torch.float64), 1) for gr in groups]
+    active = torch.ones(B, M, dtype=torch.bool)
+    active[1, 3:40] = False           # a second set in the same batch
+    active[2] = active[1]             # ... shared by two rows
+    lq = gen.clone()
+    for _ in range(4000):
+        lq = class_em_step(lq, gen, groups, specs, active)
+    ours = kl_combine(gen, groups, specs, active=active, max_iter=2000, tol=1e-14)
+    assert torch.allclose(torch.exp(ours), torch.exp(lq), atol=1e-9)
+
+
+def test_bounded_segment_logsumexp_matches_the_stable_one():
+    """The one-pass version for log-probabilities falls back to the stable one where a segment's sum
+    underflows (all its values below ~-667, or -inf), so no segment becomes log 0 by mistake."""
+    from combine.problem import segment_logsumexp, segment_logsumexp_bounded
+    values = torch.tensor([-0.1, -2.0, -800.0, -801.0, -torch.inf, -torch.inf, -5.0, -1000.0],
+                          dtype=torch.float64)
+    segments = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    got = segment_logsumexp_bounded(values, segments, 5, 0.0)
+    want = segment_logsumexp(values, segments, 5)
+    assert torch.equal(torch.isinf(got), torch.isinf(want))           # segments 2 and 4 are empty of mass
+    finite = torch.isfinite(want)
+    assert torch.allclose(got[finite], want[finite], rtol=0, atol=1e-12)
+    assert float(got[1]) == pytest.approx(-800.0 + np.log1p(np.exp(-1.0)), abs=1e-9)
+
+
+def test_weight_two_counts_a_specialist_twice_and_zero_silences_it():
+    """Per-model weights in eq. 5: w_m = 2 is the same as listing specialist m twice, w_m = 0 the
+    same as leaving it inactive, and a fractional weight reaches the weighted objective's optimum."""
+    gen, groups, specs = random_instance(13, 14, 3, 8, 2.0, group_size=5)
+    active = active_specialists(gen, groups, 2)
+    twice = kl_combine(gen, groups + [groups[1]], specs + [specs[1]],
+                       active=torch.cat([active, active[:, 1:2]], 1), tol=1e-13)
+    weighted = kl_combine(gen, groups, specs, active=active, tol=1e-13, weights=[1.0, 2.0, 1.0])
+    assert torch.allclose(weighted, twice, atol=1e-10)
+    off = active.clone()
+    off[:, 0] = False
+    silenced = kl_combine(gen, groups, specs, active=active, tol=1e-13, weights=torch.tensor([0.0, 1.0, 1.0]))
+    assert torch.allclose(silenced, kl_combine(gen, groups, specs, active=off, tol=1e-13), atol=1e-10)
+    w = [0.3, 1.7, 0.6]
+    best = kl_combine(gen, groups, specs, active=active, tol=1e-13, weights=w)
+    at_best = kl_objective(best, gen, groups, specs, active, weights=w)
+    assert not torch.allclose(best, kl_combine(gen, groups, specs, active=active, tol=1e-13))
+    g = torch.Generator().manual_seed(0)
+    for _ in range(5):   # any nearby distribution is worse under the weighted objective
+        moved = torch.log_softmax(best + 0.05 * torch.randn(best.shape, generator=g, dtype=torch.float64), 1)
+        assert (kl_objective(moved, gen, groups, specs, active, weights=w) >= at_best - 1e-12).all()
+    # the paper's gradient descent, weighted the same way, gets there too (on gentler inputs: see
+    # test_gradient_descent_matches_reference)
+    gentle = torch.log_softmax(gen / 4, 1), [torch.log_softmax(s / 4, 1) for s in specs]
+    paper = kl_combine(gentle[0], groups, gentle[1], active=active, solver="gradient", max_iter=4000, tol=0.0,
+                       weights=w)
+    assert torch.allclose(paper, kl_combine(*gentle[:1], groups, gentle[1], active=active, tol=1e-13, weights=w),
+                          atol=1e-6)
+    with pytest.raises(SpecdistillError, match="weights must be 3 finite numbers >= 0"):
+        kl_combine(gen, groups, specs, weights=[1.0, -1.0, 1.0])
+
+
 def test_average_is_one_em_step_from_the_generalist():
     gen, groups, specs = random_instance(5, 12, 4, 8, 2.0, group_size=5)
     active = active_specialists(gen, groups, 3)
@@ -564,6 +629,38 @@ def test_confidence_gate_is_chosen_on_held_out_data_and_read_back(tmp_path):
     assert Gate.read(tmp_path / "gating.json", len(groups)) == gate
     with pytest.raises(SpecdistillError, match="gates .* specialists but the run has"):
         Gate.read(tmp_path / "gating.json", len(groups) + 1)
+
+
+def test_fitted_weights_silence_a_liar_and_trust_a_good_specialist(tmp_path):
+    """combine.weighting=fitted: on held-out outputs a specialist that says the opposite of the truth
+    gets weight 0, the informative ones keep a weight of at least 1; the evaluation applies the
+    weights, and the record reads back (and is refused for another number of specialists)."""
+    from combine.gating import WEIGHT_GRID, Gate, fit_weights
+
+    gen, groups, specs, labels = informative_ensemble()
+    liar = torch.log_softmax(-specs[0].double(), dim=1).float()
+    outputs = [liar, *specs[1:]]
+    rule = CombineConfig(top_n=1, weighting="fitted")
+    gate = fit_weights(SplitOutputs.from_arrays(gen, groups, outputs, labels), rule, Gate.open(len(groups)),
+                       progress=lambda line: None)
+    assert gate.weights[0] == 0.0 and gate.weights[1] >= 1.0 and gate.weights[2] >= 1.0
+    assert set(gate.weights) <= set(WEIGHT_GRID) and not gate.is_open
+    record = gate.held_out
+    assert record["weighted_acc"] > record["equal_weights_acc"]
+    assert record["weighted_acc"] > record["generalist_acc"]
+    result, systems = evaluate_split(gen, groups, outputs, labels, rule, gate=gate)
+    assert result.systems["kl_top1"]["accuracy"] == pytest.approx(record["weighted_acc"])
+    assert result.systems["kl_top1_ungated"]["accuracy"] == pytest.approx(record["equal_weights_acc"])
+    expected = kl_combine(gen, groups, outputs, weights=gate.weights, active=gate.apply(
+        active_specialists(gen, groups, 1), gen))
+    assert torch.allclose(systems["kl_top1"], expected, atol=1e-6)
+    gate.write(tmp_path / "gating.json")
+    assert Gate.read(tmp_path / "gating.json", len(groups)) == gate
+    raw = json.loads((tmp_path / "gating.json").read_text())
+    raw["weights"] = raw["weights"][:-1]
+    (tmp_path / "gating.json").write_text(json.dumps(raw))
+    with pytest.raises(SpecdistillError, match="weights 3 specialists but the run has 4"):
+        Gate.read(tmp_path / "gating.json", len(groups))
 
 
 def test_kl_combine_writes_into_a_given_buffer_and_chunks_change_nothing():

@@ -86,9 +86,9 @@ def test_options_added_later_keep_finished_runs_finished_where_they_change_nothi
 
 
 def test_new_options_keep_old_hashes_and_check_each_other():
-    """clustering.max_size and combine.alternatives at their defaults leave every stage hash as it was
-    (finished run directories stay finished); set, they enter it; combine.memory_limit_mb never does
-    (how combine runs, not what it makes). max_size below min_size is one line naming both."""
+    """clustering.max_size, combine.alternatives and combine.weighting at their defaults leave every stage
+    hash as it was (finished run directories stay finished); set, they enter it; combine.memory_limit_mb
+    never does (how combine runs, not what it makes). max_size below min_size is one line naming both."""
     base = load_config("configs/quickstart.yaml")
     for stage in ("clustering", "combine"):
         assert stage_hash(load_config("configs/quickstart.yaml", ["clustering.max_size=null"]), stage) == \
@@ -99,5 +99,10 @@ def test_new_options_keep_old_hashes_and_check_each_other():
         stage_hash(base, "combine")
     assert stage_hash(load_config("configs/quickstart.yaml", ["combine.memory_limit_mb=1"]), "combine") == \
         stage_hash(base, "combine")
+    for stage in ("combine", "student"):   # combine.weighting: equal is the old behaviour
+        assert stage_hash(load_config("configs/quickstart.yaml", ["combine.weighting=equal"]), stage) == \
+            stage_hash(base, stage)
+        assert stage_hash(load_config("configs/quickstart.yaml", ["combine.weighting=fitted"]), stage) != \
+            stage_hash(base, stage)
     with pytest.raises(SpecdistillError, match="clustering.max_size .* below clustering.min_size"):
         load_config("configs/quickstart.yaml", ["clustering.max_size=1", "clustering.min_size=2"])
