@@ -121,7 +121,7 @@ def fit_weights(outputs: SplitOutputs, rule, gate: Gate, progress: Callable[[str
                 labels = c.labels[rows]
                 seen[m] += len(labels)
                 for j, w in enumerate(WEIGHT_GRID):
-                    trial = torch.as_tensor(weights)
+                    trial = torch.tensor(weights)   # a copy: the others stay at this round's start
                     trial[m] = w
                     q = kl_combine(sub_gen, groups, sub_specs, solver=rule.solver, max_iter=rule.max_iter,
                                    tol=rule.tol, active=sub_active, weights=trial)
@@ -132,26 +132,24 @@ def fit_weights(outputs: SplitOutputs, rule, gate: Gate, progress: Callable[[str
         rounds.append({"weights": weights.tolist(), "examples": seen.tolist(),
                        "log_loss": (loss / np.maximum(seen, 1)[:, None]).round(5).tolist(),
                        "correct": right.tolist()})
-    equal = Gate(gate.kind, gate.keep, gate.threshold)
-    gate.weights = weights.tolist()
-    right_total = right_equal = right_gen = 0
+    systems = {"weighted": Gate(gate.kind, gate.keep, gate.threshold, weights=weights.tolist()),
+               "equal_weights": Gate(gate.kind, gate.keep, gate.threshold)}
+    right = dict.fromkeys([*systems, "generalist"], 0)
     for c in outputs.chunks("weights, held-out score"):
         rule_active = c.active(outputs.membership, rule.top_n)
-        for g in (gate, equal):
+        for name, g in systems.items():
             q = kl_combine(c.gen, groups, c.specs, solver=rule.solver, max_iter=rule.max_iter, tol=rule.tol,
                            active=g.apply(rule_active, c.gen), weights=g.weights)
-            w = g.weights
-            n_right = int((q.argmax(1) == c.labels).sum())
-            right_total, right_equal = (right_total + n_right, right_equal) if w is not None else \
-                (right_total, right_equal + n_right)
-        right_gen += int((c.gen.argmax(1) == c.labels).sum())
-    record.update({"weight_grid": list(WEIGHT_GRID), "weight_rounds": rounds, "generalist_acc": right_gen / N,
-                   "equal_weights_acc": right_equal / N, "weighted_acc": right_total / N})
+            right[name] += int((q.argmax(1) == c.labels).sum())
+        right["generalist"] += int((c.gen.argmax(1) == c.labels).sum())
+    gate.weights = weights.tolist()
+    record.update({"weight_grid": list(WEIGHT_GRID), "weight_rounds": rounds,
+                   **{f"{name}_acc": n / N for name, n in right.items()}})
     gate.held_out = record
     counts = {w: int((weights == w).sum()) for w in WEIGHT_GRID}
     progress("combine: weights fitted on held-out data (log-loss): "
              + ", ".join(f"{n} at {w:g}" for w, n in counts.items() if n)
-             + f"; held-out accuracy {right_total / N:.4f}")
+             + f"; held-out accuracy {record['weighted_acc']:.4f}")
     return gate
 
 

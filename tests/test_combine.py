@@ -646,6 +646,16 @@ def test_fitted_weights_silence_a_liar_and_trust_a_good_specialist(tmp_path):
     assert gate.weights[0] == 0.0 and gate.weights[1] >= 1.0 and gate.weights[2] >= 1.0
     assert set(gate.weights) <= set(WEIGHT_GRID) and not gate.is_open
     record = gate.held_out
+    # the first round tries each specialist's weights with every other specialist at 1: its log-loss
+    # at weight 1 is the equal-weight ensemble's on the rows where it speaks
+    first = record["weight_rounds"][0]
+    equal = kl_combine(gen, groups, outputs).double()
+    active = active_specialists(gen, groups, 1)
+    for m in range(len(groups)):
+        rows = active[:, m]
+        if rows.any():
+            nll = float(-equal[rows].gather(1, labels[rows][:, None]).mean())
+            assert first["log_loss"][m][WEIGHT_GRID.index(1.0)] == pytest.approx(nll, abs=1e-4)
     assert record["weighted_acc"] > record["equal_weights_acc"]
     assert record["weighted_acc"] > record["generalist_acc"]
     result, systems = evaluate_split(gen, groups, outputs, labels, rule, gate=gate)
