@@ -60,7 +60,7 @@ def kl_combine(gen_log_probs: torch.Tensor, groups: Sequence, spec_log_probs: Se
             reuses one per batch saves the first touch of a fresh [B, K] array, which at K = 15,000 cost
             more than the pass that fills it (BENCHMARKS.md).
         weights: optional M non-negative weights, one per specialist (the generalist's is 1): how much
-            say each specialist has beside the generalist (``combine.weights``, fitted on held-out
+            say each specialist has beside the generalist (``combine.weighting``, fitted on held-out
             data); 0 silences a specialist, 2 counts it twice.
 
     Returns:

@@ -27,7 +27,7 @@ def _relative(change: float | None) -> str:
 
 def _system_name(name: str, main: str) -> str:
     if name == f"{main}_ungated":
-        return f"KL combiner, generalist's top-{main[6:]} activates, without the gate"
+        return f"KL combiner, generalist's top-{main[6:]} activates, every specialist at equal weight (no gate)"
     if name.startswith("kl_top"):
         text = f"KL combiner, generalist's top-{name[6:]} activates"
         return text + " (the ensemble)" if name == main else text
