@@ -146,6 +146,15 @@ def test_more_active_specialists_than_one_mask_word():
         lq = class_em_step(lq, gen, groups, specs, active)
     ours = kl_combine(gen, groups, specs, active=active, max_iter=2000, tol=1e-14)
     assert torch.allclose(torch.exp(ours), torch.exp(lq), atol=1e-9)
+    # the blocked passes over [B, K] rely on the atoms coming sorted by example, each example's
+    # classes once: its active groups' union
+    from combine.inputs import check_inputs
+    from combine.problem import build_problem
+    problem = build_problem(check_inputs(gen, groups, specs), active)
+    assert bool((problem.atom_ex[1:] >= problem.atom_ex[:-1]).all())
+    for e in range(B):
+        union = torch.unique(torch.cat([groups[m] for m in active[e].nonzero().squeeze(1).tolist()]))
+        assert torch.equal(problem.atom_class[problem.atom_ex == e].sort().values, union)
 
 
 def test_bounded_segment_logsumexp_matches_the_stable_one():
