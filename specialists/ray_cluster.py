@@ -29,6 +29,9 @@ from specdistill.ray_connect import CONNECT_TIMEOUT_S, connect_ray, require_reac
 
 INFEASIBLE_GRACE_S = 120.0    # how long tasks may wait with no node able to run them (a node lost)
 NODE_CHECK_TIMEOUT_S = 90.0   # how long every node gets to answer the software check (a worker start + imports)
+# the driver's own node cannot be unreachable: when it is late, its machine is busy (a worker start +
+# torch imports took over 90 s beside other jobs on 2 cores), so it gets this much longer
+OWN_NODE_GRACE_S = 600.0
 # a module of each project package a specialist task imports: a module, not the package, because a
 # folder named like the package on sys.path (the checkout ~/specdistill when Ray adds the driver's
 # working directory ~ to its workers' path) turns ``import specdistill`` into a namespace package
@@ -161,6 +164,12 @@ def check_nodes(need: dict[str, float], timeout_s: float = NODE_CHECK_TIMEOUT_S)
                           name=f"software-check-{n['NodeManagerAddress']}").remote(PROJECT_PACKAGES): n
             for n in nodes}
     ready, late = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
+    own = ray.get_runtime_context().get_node_id()
+    if late and all(refs[ref]["NodeID"] == own for ref in late):
+        print(f"specialists: this machine's Ray node has not started a worker within {timeout_s:g} s (a busy "
+              f"machine?); waiting up to {OWN_NODE_GRACE_S:g} s more", flush=True)
+        more, late = ray.wait(late, num_returns=len(late), timeout=OWN_NODE_GRACE_S)
+        ready += more
     for ref in late:
         ray.cancel(ref, force=True)
     fix = "install the same on every node (scripts/node-setup.sh; `ray up` runs it again)"
