@@ -28,6 +28,7 @@ from combine.kl import kl_combine
 from combine.metrics import SystemTally, table4, top1_correct
 from combine.outputs import Chunk, SplitOutputs
 from combine.report import SPLIT_TEXT, write_report
+from combine.rivals import score_rivals
 from specdistill.config import CombineConfig, Config, stage_hash
 from specdistill.data import Dataset
 from specdistill.engine import resolve_device
@@ -174,7 +175,15 @@ def run_combine(cfg: Config, force: bool = False) -> CombineResult:
     config_hash = stage_hash(cfg, "combine")
     if not force and is_done(run.root, "combine", config_hash):
         print(f"combine: already done in {run.combine} (config hash {config_hash}). Use --force to redo.")
-        return CombineResult.read(run.combine_eval)
+        result = CombineResult.read(run.combine_eval)
+        if cfg.combine.rivals and result.rivals is None:   # asked for after the fact: the rivals alone
+            from specdistill.data import load_data
+
+            result.rivals = score_rivals(cfg, load_data(cfg.data, cfg.seed), result.specialist_ids)
+            result.write(run.combine_eval)
+            write_report(run, result)
+            print_rivals(result)
+        return result
     ensemble, data = load_ensemble_and_data(cfg, run)
     top_ns = compared_top_n(cfg.combine)
     outputs, forward = {}, {}
@@ -207,10 +216,13 @@ def run_combine(cfg: Config, force: bool = False) -> CombineResult:
                            solver=cfg.combine.solver, ensemble=main,
                            splits=evaluations, specialist_ids=ensemble.ids,
                            gate=None if ensemble.gate.is_open else asdict(ensemble.gate))
+    if cfg.combine.rivals:   # the generalist stage's recipe, trained longer and from another seed
+        result.rivals = score_rivals(cfg, data, ensemble.ids)
     write_combine(run, result, ensemble)
     mark_done(run.root, "combine", config_hash)
     for line in summary_lines(result):
         print("combine: " + line)
+    print_rivals(result)
     return result
 
 
@@ -263,6 +275,15 @@ def summary_lines(result: CombineResult) -> list[str]:
                      f"{t3['ensemble_acc']} (+ {result.num_specialists} specialists); conditional "
                      f"{t3['generalist_conditional_acc']} -> {t3['ensemble_conditional_acc']}")
     return lines
+
+
+def print_rivals(result: CombineResult) -> None:
+    if result.rivals:
+        longer, seeds = result.rivals["longer"], result.rivals["seeds"]
+        for split in (s for s in SPLITS if s in result.splits):
+            print(f"combine: {SPLIT_TEXT[split]} accuracy of the rivals: generalist trained {longer['epochs']} epochs "
+                  f"{percent(longer[split], 2)}, mean of generalists (seeds {seeds['seeds']}) "
+                  f"{percent(seeds[split], 2)}; the ensemble {percent(result.ensemble_acc(split), 2)}")
 
 
 @exit_on_error

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from combine.rivals import rival_lines
 from specdistill.artifacts import atomic_path, write_text
 from specdistill.formatting import md_table, percent
 from specdistill.records import CombineResult
@@ -84,6 +85,8 @@ def render_markdown(result: CombineResult) -> str:
         "![Table 4](table4.png)",
         "",
         *_causes_section(result, splits),
+        *rival_lines(result.rivals, {s: result.generalist_acc(s) for s in splits},
+                     {s: result.ensemble_acc(s) for s in splits}, SPLIT_TEXT),
         "## Every system on the same predictions",
         "",
         md_table(["System", *(f"{n.capitalize()} accuracy" for n in names), "Test top-5", "Test NLL", "Test ECE",

@@ -69,7 +69,7 @@ def train_generalist(cfg: Config, out_dir: str | Path, seed: int | None = None,
     extra = {"seed": seed, "metrics": {
         "best_epoch": result["best_epoch"], "epochs_run": result["epochs_run"],
         "stopped_early": result["stopped_early"], "train_seconds": result["train_seconds"],
-        "images_per_s": result["images_per_s"]}}
+        "images_per_s": result["images_per_s"], "images_seen": result["images_seen"]}}
     return write_generalist(cfg, out, model, dataset, device, gcfg.model, extra, started)
 
 

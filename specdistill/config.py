@@ -199,6 +199,10 @@ class CombineConfig(_Section):
     # activation, and the average and product of the same distributions. Off, combine runs the
     # configured system alone (several times less work at K = 15,000)
     alternatives: bool = True
+    # also train and score what a user would weigh against the specialists (combine/rivals.py): the
+    # generalist trained longer by the specialists' training compute, and a mean of two generalists
+    # (seeds s and s+1); on the same examples, in the combine report
+    rivals: bool = False
 
 
 class StudentLossConfig(_Section):
@@ -293,10 +297,11 @@ _STAGE_SECTIONS = {
     "combine": ("seed", "data", "generalist", "clustering", "specialists", "combine"),
     "student": ("seed", "data", "generalist", "clustering", "specialists", "combine", "student"),
 }
-# Options that change how a stage runs but not what it produces.
+# Options that change how a stage runs but not what it produces (combine.rivals adds records beside the
+# ensemble and is added to a finished combine stage without redoing it).
 _VOLATILE = {"ray_address", "num_threads", "num_gpus_per_task", "num_cpus_per_task", "max_retries",
              "eval_batch_size", "cache_dir", "load_data_on_workers", "loader_workers", "workers", "use_gpu",
-             "memory_limit_mb"}
+             "memory_limit_mb", "rivals"}
 # train.workers / use_gpu are among them: the same model, data, global batch, schedule and epochs on
 # more devices; the weights differ only as run-to-run noise does (batch-norm statistics and
 # augmentation draws per worker's share, float reduction order), like num_threads. So a generalist

@@ -372,7 +372,7 @@ def train_one_epoch(model: nn.Module, train_batches: DataLoader, opt: torch.opti
     return {"epoch": epoch + 1, "lr": opt.param_groups[0]["lr"],
             "train_loss": sum(sums.values()) / max(seen, 1), "train_acc": int(correct) / max(seen, 1),
             **{f"train_{k}": v / max(seen, 1) for k, v in sums.items()},
-            "images_per_s": seen / seconds, "seconds": seconds}
+            "images": seen, "images_per_s": seen / seconds, "seconds": seconds}
 
 
 def _keep_best(model: nn.Module, record: dict[str, Any], loop: dict[str, Any],
@@ -407,7 +407,8 @@ def _summary(loop: dict[str, Any]) -> dict[str, Any]:
     last = loop["history"][-1] if loop["history"] else {}
     return {"best_epoch": loop["best_epoch"], "best_val_acc": loop["best_acc"], "epochs_run": loop["epoch"],
             "stopped_early": loop["stopped_early"], "train_seconds": sum(r["seconds"] for r in loop["history"]),
-            "images_per_s": last.get("images_per_s"), "history": loop["history"]}
+            "images_per_s": last.get("images_per_s"), "images_seen": sum(r.get("images", 0) for r in loop["history"]),
+            "history": loop["history"]}
 
 
 def fit(

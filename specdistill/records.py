@@ -169,6 +169,7 @@ class CombineResult:
     splits: dict[str, SplitEvaluation]
     specialist_ids: list[int] = field(default_factory=list)
     gate: dict[str, Any] | None = None   # combine.gating.Gate, fitted on the held-out split, when configured
+    rivals: dict[str, Any] | None = None   # combine.rivals: compute-matched generalists, when configured
 
     def split(self, name: str = "test") -> SplitEvaluation:
         if name not in self.splits:

@@ -11,13 +11,11 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
+from generalist.rivals import generalist_dir, mean_accuracy
 from specdistill.artifacts import read_json
 from specdistill.config import Config
 from specdistill.data import Dataset
 from specdistill.formatting import md_table, percent
-from specdistill.predictions import StoredPredictions
 from specdistill.records import CombineResult
 from specdistill.rundir import SPLITS, RunDir
 from student.cache import TeacherCache, tempered_tail_share
@@ -38,20 +36,11 @@ def teacher_accuracies(cfg: Config, dataset: Dataset, kinds: set[str]) -> dict[s
         teachers["ensemble"] = {split + "_acc": combined.ensemble_acc(split) for split in combined.splits}
         teachers["ensemble"]["source"] = "combine/eval.json"
     if "generalists" in kinds:
-        from student.teachers import generalist_dir
-
         seeds = sorted(set(cfg.student.teacher_seeds))
+        folders = [generalist_dir(cfg, s) for s in seeds]
         teachers["generalists"] = {"seeds": seeds}
-        for split in SPLITS:   # in row blocks: stored dense or top-k (specdistill.predictions), never N x K whole
-            stores = [StoredPredictions.open(generalist_dir(cfg, s), split) for s in seeds]
-            labels = dataset.split(split).labels
-            rows_per_block = max(1, 2**24 // max(1, len(seeds) * stores[0].num_classes))
-            correct = 0
-            for parts in zip(*(store.blocks(rows_per_block) for store in stores)):
-                stacked = torch.stack([torch.as_tensor(block) for _, block in parts])
-                mean = torch.logsumexp(stacked, dim=0)   # the log of the summed (so of the mean) distribution
-                correct += int((mean.argmax(1).numpy() == labels[parts[0][0]]).sum())
-            teachers["generalists"][f"{split}_acc"] = correct / len(labels) if len(labels) else float("nan")
+        for split in SPLITS:
+            teachers["generalists"][f"{split}_acc"] = mean_accuracy(folders, split, dataset.split(split).labels)
     return teachers
 
 

@@ -15,7 +15,6 @@ teacher also has a *description* - everything its targets depend on - which keys
 from __future__ import annotations
 
 import math
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -24,12 +23,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from generalist.rivals import ensure_generalists, generalist_dir
 from specdistill.config import Config, stage_hash
 from specdistill.data import Dataset
 from specdistill.engine import predict_logits
 from specdistill.errors import SpecdistillError
 from specdistill.models import load_classifier
-from specdistill.provenance import current_identity, is_done, mark_done, require_done
+from specdistill.provenance import current_identity, require_done
 from specdistill.rundir import RunDir
 from student.cache import TeacherFn
 
@@ -63,37 +63,6 @@ def check_class_count(teacher_classes: int, dataset: Dataset, what: str) -> None
 
 # ----------------------------------------------------------------------------------------------
 # generalist and generalists
-
-
-def generalist_dir(cfg: Config, seed: int) -> Path:
-    """The run's own generalist for its seed, else a further one trained here for the ``generalists`` teacher."""
-    run = RunDir.of(cfg)
-    return run.generalist if seed == cfg.seed else run.generalist_seed(seed)
-
-
-def ensure_generalists(cfg: Config, dataset: Dataset, seeds: Sequence[int], progress: bool = True) -> list[Path]:
-    """The folder of a generalist per seed, training the missing ones with ``generalist.train``.
-
-    The run's own seed is the generalist stage's model; every other seed gets its own folder and
-    ``done.json`` (hash of the generalist config with that seed), so a rerun skips finished ones
-    and a killed one resumes from its checkpoint.
-    """
-    from generalist.train import train_generalist  # an earlier stage: allowed, imported lazily
-
-    run = RunDir.of(cfg)
-    require_done(run.root, "generalist", stage_hash(cfg, "generalist"))
-    folders = []
-    for seed in dict.fromkeys(seeds):
-        folder = generalist_dir(cfg, seed)
-        if seed != cfg.seed:
-            digest = stage_hash(cfg.model_copy(update={"seed": seed}), "generalist")
-            if not is_done(run.root, folder.name, digest):
-                if run.done(folder.name).exists():   # finished for another config: start over
-                    shutil.rmtree(folder)
-                train_generalist(cfg, folder, seed=seed, dataset=dataset, progress=progress)
-                mark_done(run.root, folder.name, digest)
-        folders.append(folder)
-    return folders
 
 
 def generalists_teacher(folders: Sequence[Path], dataset: Dataset, device: torch.device,

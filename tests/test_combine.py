@@ -707,3 +707,78 @@ def test_kl_combine_writes_into_a_given_buffer_and_chunks_change_nothing():
                              rule.model_copy(update={"alternatives": False}))
     assert set(alone.systems) == {"generalist", "kl_top1"}
     assert alone.systems["kl_top1"] == pytest.approx(whole.systems["kl_top1"], rel=1e-12)
+
+
+def test_rivals_train_the_generalist_longer_and_from_another_seed(tmp_path, monkeypatch, capsys):
+    """combine.rivals: the generalist recipe trained for the specialists' extra compute, and the mean of
+    two seeds' generalists, scored on the same examples; added to a finished combine stage without
+    redoing it; refused in one line for an imported generalist."""
+    from combine.evaluate import run_combine
+    from generalist.rivals import ensure_longer_generalist
+    from generalist.train import train_generalist
+    from specdistill import data as data_module
+    from specdistill.artifacts import read_json, read_npy
+    from specdistill.config import stage_hash, validate_config
+    from specdistill.data import Dataset, Split
+    from specdistill.models import load_classifier, save_classifier
+    from specdistill.provenance import mark_done
+    from specialists.model import make_specialist
+
+    def blocks(n, seed):
+        rng = np.random.default_rng(seed)
+        labels = rng.integers(0, 6, n)
+        images = rng.random((n, 12, 12)) * 200
+        for i, y in enumerate(labels):
+            images[i, (y // 3) * 6:(y // 3) * 6 + 6, (y % 3) * 4:(y % 3) * 4 + 4] += 60
+        return Split(np.clip(images, 0, 255).astype(np.uint8), labels)
+
+    data = Dataset("blocks", [f"c{k}" for k in range(6)], blocks(200, 0), blocks(120, 1), blocks(120, 2))
+    monkeypatch.setattr(data_module, "load_data", lambda cfg, seed=0: data)
+    tree = {"run_dir": str(tmp_path / "run"), "device": "cpu", "data": {"augment": False},
+            "generalist": {"model": {"name": "mlp", "hidden": [16]},
+                           "train": {"epochs": 2, "batch_size": 50, "lr": 0.05, "amp": False}},
+            "combine": {"alternatives": False}}
+    cfg = validate_config(tree)
+    run = RunDir.of(cfg)
+    train_generalist(cfg, run.generalist, dataset=data, progress=False)
+    assert read_json(run.generalist_meta)["metrics"]["images_seen"] == 2 * 200   # counted by the engine
+    mark_done(run.root, "generalist", stage_hash(cfg, "generalist"))
+    generalist, meta = load_classifier(run.generalist_weights)
+    features = generalist.features(torch.as_tensor(data.train.images[:64]).float().div(127.5).sub(1)[:, None])
+    for m, classes in enumerate(([0, 1, 2], [3, 4])):
+        spec = make_specialist(generalist, classes, features.detach(), dustbin_init="lstsq")
+        save_classifier(run.specialist_weights(m), spec, {**meta, "num_classes": len(classes) + 1})
+        SpecialistInfo(m, classes, [f"c{c}" for c in classes], 0.0,
+                       metrics={"images_seen": 310 if m == 0 else 290}).write(run.specialist_info(m))
+    mark_done(run.root, "specialists", stage_hash(cfg, "specialists"), ids=[0, 1])
+    run_combine(cfg)                                          # without rivals first
+    done_stamp = run.done("combine").stat().st_mtime_ns
+    assert CombineResult.read(run.combine_eval).rivals is None
+
+    with_rivals = validate_config({**tree, "combine": {"alternatives": False, "rivals": True}})
+    result = run_combine(with_rivals)                          # finished stage: the rivals are added to it
+    assert run.done("combine").stat().st_mtime_ns == done_stamp   # the ensemble was not redone
+    rivals = CombineResult.read(run.combine_eval).rivals
+    assert rivals == result.rivals and rivals["specialist_images"] == 600 and rivals["specialist_images_exact"]
+    longer = rivals["longer"]
+    assert (longer["extra_epochs"], longer["epochs"]) == (3, 5)  # 600 images / 200 per epoch
+    longer_meta = read_json(run.root / "generalist-epochs5" / "meta.json")
+    assert longer_meta["metrics"]["images_seen"] == 5 * 200 and longer["test"] == longer_meta["metrics"]["test_acc"]
+    for split, labels in (("val", data.val.labels), ("test", data.test.labels)):   # mean of the two distributions
+        probs = sum(np.exp(read_npy(RunDir.preds_in(folder, split)))
+                    for folder in (run.generalist, run.generalist_seed(1)))
+        assert rivals["seeds"][split] == pytest.approx(float((probs.argmax(1) == labels).mean()))
+    assert rivals["seeds"]["seeds"] == [0, 1]
+    report = run.combine_report.read_text()
+    assert "## Compute-matched rivals" in report and "Generalist trained 5 epochs" in report
+    assert "seeds 0, 1" in report and "600 training images" in report
+    assert "accuracy of the rivals" in capsys.readouterr().out
+    # a second run reuses both rivals' folders: nothing is trained again
+    rival_weights = [RunDir.weights_in(f) for f in (run.root / "generalist-epochs5", run.generalist_seed(1))]
+    stamps = [path.stat().st_mtime_ns for path in rival_weights]
+    run_combine(with_rivals, force=True)
+    assert [path.stat().st_mtime_ns for path in rival_weights] == stamps
+
+    imported = validate_config({**tree, "generalist": {**tree["generalist"], "weights": str(run.generalist_weights)}})
+    with pytest.raises(SpecdistillError, match="no recipe to repeat"):
+        ensure_longer_generalist(imported, data, 5)

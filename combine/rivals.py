@@ -1,0 +1,87 @@
+"""What else the specialists' compute could buy: the baselines a user weighs against them.
+
+``combine.rivals: true`` trains, beside the ensemble and on the same examples (issue 12):
+
+* **the generalist trained longer** - the run's generalist recipe (same net, seed and schedule,
+  stretched) for its own epochs plus the specialists' training compute in generalist epochs: the
+  training images all specialists processed (``specialists/<id>.json``) over the training split's
+  size, rounded, at least one. A specialist is a copy of the generalist's network with a small head,
+  so an image costs it what it costs the generalist;
+* **an ensemble of generalists** - the mean distribution of the run's generalist and one more from
+  the next seed (``generalist-seed<s+1>/``, shared with the student's ``generalists`` teacher): one
+  more generalist's training, the paper's "ensemble of models" (section 4).
+
+Both are trained by ``generalist/rivals.py`` into their own folders with their own ``done.json``,
+so a rerun of the combine stage reuses them. Their accuracies go into ``combine/eval.json``
+(``rivals``) and the combine report, held-out beside test.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from generalist.rivals import ensure_generalists, ensure_longer_generalist, mean_accuracy, specialist_images
+from specdistill.artifacts import read_json
+from specdistill.config import Config
+from specdistill.data import Dataset
+from specdistill.errors import SpecdistillError
+from specdistill.formatting import md_table
+from specdistill.rundir import SPLITS, RunDir
+
+
+def extra_epochs(images: int, train_size: int) -> int:
+    """The specialists' training images in generalist epochs (at least one)."""
+    if train_size <= 0:
+        raise SpecdistillError("the training split is empty; check data.limit and the data source")
+    return max(1, round(images / train_size))
+
+
+def score_rivals(cfg: Config, data: Dataset, specialist_ids: list[int], progress: bool = True) -> dict[str, Any]:
+    """Train (or reuse) both rivals and score them on the held-out and test splits."""
+    run = RunDir.of(cfg)
+    infos = [read_json(run.specialist_info(m)) for m in specialist_ids]
+    images, exact = specialist_images(infos)
+    extra = extra_epochs(images, len(data.train))
+    epochs = cfg.generalist.train.epochs + extra
+    print(f"combine: rivals: the specialists processed {images:,} training images "
+          f"({'counted' if exact else 'estimated from rate x time'}) = {extra} generalist epochs; training the "
+          f"generalist for {epochs} epochs and one from seed {cfg.seed + 1}")
+    longer = ensure_longer_generalist(cfg, data, epochs, progress)
+    metrics = read_json(RunDir.meta_in(longer))["metrics"]
+    seeds = [cfg.seed, cfg.seed + 1]
+    folders = ensure_generalists(cfg, data, seeds, progress)
+    return {
+        "specialist_images": images, "specialist_images_exact": exact, "train_images": len(data.train),
+        "longer": {"epochs": epochs, "extra_epochs": extra, "best_epoch": metrics.get("best_epoch"),
+                   **{split: float(metrics[f"{split}_acc"]) for split in SPLITS}},
+        "seeds": {"seeds": seeds,
+                  **{split: mean_accuracy(folders, split, data.split(split).labels) for split in SPLITS}},
+    }
+
+
+def rival_lines(rivals: dict[str, Any] | None, generalist: dict[str, float], ensemble: dict[str, float],
+                split_names: dict[str, str]) -> list[str]:
+    """The combine report's section on the rivals (empty when they were not trained)."""
+    if not rivals:
+        return []
+    def pct(x: float) -> str:
+        return f"{100 * x:.2f}%"
+
+    longer, seeds = rivals["longer"], rivals["seeds"]
+    splits = [s for s in SPLITS if s in generalist]
+    base = longer["epochs"] - longer["extra_epochs"]
+    rows = [["Generalist", f"{base} epochs", *(pct(generalist[s]) for s in splits)],
+            ["Generalist + specialists (this report's ensemble)", f"+ {longer['extra_epochs']} epochs' worth",
+             *(pct(ensemble[s]) for s in splits)],
+            [f"Generalist trained {longer['epochs']} epochs", f"+ {longer['extra_epochs']} epochs",
+             *(pct(longer[s]) for s in splits)],
+            [f"Mean of {len(seeds['seeds'])} generalists (seeds {', '.join(map(str, seeds['seeds']))})",
+             "+ 1 generalist", *(pct(seeds[s]) for s in splits)]]
+    how = "counted" if rivals["specialist_images_exact"] else "estimated as images/s x seconds"
+    return ["## Compute-matched rivals", "",
+            f"The specialists processed {rivals['specialist_images']:,} training images ({how}), "
+            f"{longer['extra_epochs']} epochs of the {rivals['train_images']:,}-image training split on networks of "
+            "the generalist's size. The same compute spent on the generalist instead, on the same examples:", "",
+            md_table(["System", "Training compute", *(f"{split_names[s].capitalize()} accuracy" for s in splits)],
+                     rows, align="ll" + "r" * len(splits)),
+            ""]

@@ -1,0 +1,110 @@
+"""Further generalists: other seeds, and the same recipe trained longer.
+
+They are what a user would do with the specialists' compute instead, so the combine stage reports
+them beside the ensemble (``combine.rivals``), and the student's ``generalists`` teacher averages
+the seeds. Each one lives in its own folder of the run directory with its own ``done.json`` (hash of
+the generalist config that made it), so a rerun skips finished ones and a killed one resumes from
+its checkpoint:
+
+* ``generalist-seed<s>/`` - the generalist recipe from another seed;
+* ``generalist-epochs<E>/`` - the generalist recipe (the run's own seed) trained for E epochs.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from specdistill.config import Config, stage_hash
+from specdistill.data import Dataset
+from specdistill.errors import SpecdistillError
+from specdistill.predictions import StoredPredictions
+from specdistill.provenance import is_done, mark_done, require_done
+from specdistill.rundir import RunDir
+
+
+def generalist_dir(cfg: Config, seed: int) -> Path:
+    """The run's own generalist for its seed, else the folder of a further one from that seed."""
+    run = RunDir.of(cfg)
+    return run.generalist if seed == cfg.seed else run.generalist_seed(seed)
+
+
+def longer_dir(cfg: Config, epochs: int) -> Path:
+    """The folder of the generalist recipe trained for ``epochs`` (the run's own when that is its count)."""
+    run = RunDir.of(cfg)
+    return run.generalist if epochs == cfg.generalist.train.epochs else run.root / f"generalist-epochs{epochs}"
+
+
+def _ensure(cfg: Config, variant: Config, folder: Path, dataset: Dataset, seed: int, progress: bool) -> Path:
+    """Train ``variant``'s generalist into ``folder`` unless it is done there for that config."""
+    from generalist.train import train_generalist  # the stage's own code, imported when needed
+
+    run = RunDir.of(cfg)
+    if folder == run.generalist:
+        return folder
+    digest = stage_hash(variant, "generalist")
+    if not is_done(run.root, folder.name, digest):
+        if run.done(folder.name).exists():   # finished for another config: start over
+            shutil.rmtree(folder)
+        train_generalist(variant, folder, seed=seed, dataset=dataset, progress=progress)
+        mark_done(run.root, folder.name, digest)
+    return folder
+
+
+def _require_recipe(cfg: Config, what: str) -> None:
+    if cfg.generalist.weights is not None or cfg.generalist.model.pretrained:
+        raise SpecdistillError(
+            f"{what} trains further generalists with generalist.train, but this run imports its generalist "
+            "(generalist.weights / model.pretrained), so there is no recipe to repeat; turn it off "
+            "(combine.rivals=false, or another student.teacher)")
+    require_done(RunDir.of(cfg).root, "generalist", stage_hash(cfg, "generalist"))
+
+
+def ensure_generalists(cfg: Config, dataset: Dataset, seeds: Sequence[int], progress: bool = True) -> list[Path]:
+    """The folder of a generalist per seed, training the missing ones with ``generalist.train``."""
+    _require_recipe(cfg, "an ensemble of generalists")
+    return [_ensure(cfg, cfg.model_copy(update={"seed": seed}), generalist_dir(cfg, seed), dataset, seed, progress)
+            for seed in dict.fromkeys(seeds)]
+
+
+def ensure_longer_generalist(cfg: Config, dataset: Dataset, epochs: int, progress: bool = True) -> Path:
+    """The folder of the run's generalist recipe trained for ``epochs`` instead (same seed, the same
+    schedule stretched over the longer run), training it when missing."""
+    _require_recipe(cfg, "a generalist trained longer")
+    train = cfg.generalist.train.model_copy(update={"epochs": int(epochs)})
+    variant = cfg.model_copy(update={"generalist": cfg.generalist.model_copy(update={"train": train})})
+    return _ensure(cfg, variant, longer_dir(cfg, epochs), dataset, cfg.seed, progress)
+
+
+def specialist_images(infos: Sequence[dict]) -> tuple[int, bool]:
+    """Training images the specialists processed in all, from their records (``specialists/<id>.json``);
+    the flag says the number is exact (newer records count images; older ones give rate x seconds)."""
+    total, exact = 0.0, True
+    for info in infos:
+        metrics = info.get("metrics", {})
+        if "images_seen" in metrics:
+            total += metrics["images_seen"]
+        else:
+            total += float(metrics.get("images_per_s") or 0.0) * float(metrics.get("train_seconds") or 0.0)
+            exact = False
+    return int(round(total)), exact
+
+
+def mean_accuracy(folders: Sequence[Path], split: str, labels: np.ndarray) -> float:
+    """Top-1 accuracy of the mean distribution of several generalists' stored predictions on ``split``,
+    read in row blocks (dense or top-k form: ``specdistill.predictions``), never N x K whole."""
+    stores = [StoredPredictions.open(folder, split) for folder in folders]
+    if any(store.num_examples != len(labels) for store in stores):
+        raise SpecdistillError(f"the stored {split} predictions of {', '.join(str(f) for f in folders)} do not "
+                               f"have {len(labels)} rows; they were made with other data, delete those folders")
+    rows_per_block = max(1, 2**24 // max(1, len(stores) * stores[0].num_classes))
+    correct = 0
+    for parts in zip(*(store.blocks(rows_per_block) for store in stores)):
+        stacked = torch.stack([torch.as_tensor(block) for _, block in parts])
+        mean = torch.logsumexp(stacked, dim=0)   # the log of the summed (so of the mean) distribution
+        correct += int((mean.argmax(1).numpy() == labels[parts[0][0]]).sum())
+    return correct / len(labels) if len(labels) else float("nan")
