@@ -166,6 +166,13 @@ class SpecialistsConfig(_Section):
     specialist_fraction: float = Field(0.5, gt=0.0, lt=1.0)
     soft_targets: SoftTargetConfig = Field(default_factory=SoftTargetConfig)
     freeze_backbone: bool = False
+    # activation-matched dustbin (specialists/sampler.py): this share of each batch's dustbin half comes
+    # from the generalist's confusions into the group - training examples of other classes whose
+    # generalist top-confusion_top_n (use combine.top_n) holds a group class, i.e. what activates the
+    # specialist at inference - the rest at random; the dustbin correction accounts for it. 0 = the
+    # paper's random remainder alone
+    confusion_fraction: float = Field(0.0, ge=0.0, le=1.0)
+    confusion_top_n: int = Field(1, ge=1)
     num_gpus_per_task: float = Field(0.0, ge=0.0)  # 0 = auto: 1 when the cluster has GPUs
     num_cpus_per_task: float = Field(1.0, gt=0.0)
     max_retries: int = Field(3, ge=0)
@@ -318,7 +325,8 @@ _NEUTRAL_DEFAULTS: dict[str, Any] = {"mean": None, "std": None, "weights": None,
                                      "predictions": "auto", "predictions_top_k": 64,
                                      "dense_predictions_limit_mb": 1024.0,
                                      "eval_limit": None, "alternatives": True,
-                                     "max_size": None, "weighting": "equal"}
+                                     "max_size": None, "weighting": "equal",
+                                     "confusion_fraction": 0.0, "confusion_top_n": 1}
 # data options only natural-image sources read; their recipe changed with them (crop + flip instead
 # of the glyph jitter), so for those sources they stay in the hash and older runs are redone
 _NATURAL_ONLY: dict[str, Any] = {"crop_scale": [0.08, 1.0], "stream": "auto"}

@@ -61,6 +61,25 @@ def dustbin_correction(specialist_fraction: float, natural_share: float) -> floa
     return math.log(oversampling_factor(specialist_fraction, natural_share))
 
 
+def confusion_correction(confusion_share: float, confusion_rate: float) -> float:
+    """What to take off the dustbin logit, beyond :func:`dustbin_correction`, when ``confusion_share``
+    of the dustbin examples were drawn from the generalist's confusions into the group
+    (``specialists.confusion_fraction``) and the rest at random from the other classes.
+
+    ``confusion_rate`` is ``r = P(top-n hits the group | label outside it)`` on the training split.
+    Where the specialist is consulted (the generalist's top-n hits the group), an example outside the
+    group is a confusion, so its density among the dustbin examples is ``c / r + (1 - c)`` times its
+    natural one: a constant there, undone by ``log(1 + c (1 / r - 1))`` (0 for ``c = 0``). Elsewhere
+    the specialist is not consulted, so the constant need not hold there.
+    """
+    c, r = float(confusion_share), float(confusion_rate)
+    if c == 0.0:
+        return 0.0
+    if not 0.0 < r <= 1.0:
+        raise SpecdistillError(f"confusion rate {r} must lie in (0, 1] when confusions are sampled")
+    return math.log1p(c * (1.0 / r - 1.0))
+
+
 def corrected_log_probs(logits: torch.Tensor, correction: float, temperature: float = 1.0) -> torch.Tensor:
     """Log-softmax of specialist logits with ``correction`` added to the dustbin (the last) logit,
     divided by ``temperature`` (a held-out calibration, ``combine.calibration``; 1 = none)."""

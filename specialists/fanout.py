@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 from specdistill.artifacts import load_weights, read_json
 from specdistill.cli import config_from_args, prepare_run_dir, setup_environment, stage_parser
 from specdistill.config import Config, stage_hash
+from specdistill.engine import resolve_device
 from specdistill.errors import SpecdistillError, exit_on_error
 from specdistill.paths import elsewhere_hint
 from specdistill.provenance import generalist_identity, is_done, mark_done
@@ -94,6 +95,8 @@ def load_inputs(cfg: Config, run: RunDir) -> dict[str, Any]:
                 raise SpecdistillError(f"group {group['id']} has no training examples (classes "
                                        f"{group['classes'][:5]}); check data.limit or rerun clustering")
     generalist = {"tensors": {k: v.numpy() for k, v in tensors.items()}, "meta": meta}
+    if data is not None:
+        data = with_train_top(cfg, data, generalist)
     return {"generalist": generalist, "generalist_identity": generalist_identity(run.generalist), "groups": groups,
             "data": data}
 
@@ -110,6 +113,22 @@ def _data_arrays(cfg: Config, generalist_meta: dict[str, Any] | None = None) -> 
         )
     return {"train_images": dataset.train.images, "train_labels": dataset.train.labels,
             "val_images": dataset.val.images, "val_labels": dataset.val.labels}
+
+
+def with_train_top(cfg: Config, data: dict[str, Any], generalist: dict[str, Any]) -> dict[str, Any]:
+    """``data`` plus the generalist's top-n on the training split when the specialists draw their
+    dustbin from its confusions (``specialists.confusion_fraction``): one pass, shared by every task."""
+    scfg = cfg.specialists
+    if scfg.confusion_fraction <= 0 or "train_top" in data:
+        return data
+    from specialists.train import generalist_top_n
+
+    began = time.perf_counter()
+    top = generalist_top_n(generalist, data["train_images"], scfg.confusion_top_n, resolve_device(cfg.device),
+                           scfg.train.eval_batch_size)
+    print(f"specialists: the generalist's top-{scfg.confusion_top_n} on {len(top)} training images, for the "
+          f"confusion-drawn dustbin ({time.perf_counter() - began:.0f} s)", flush=True)
+    return {**data, "train_top": top}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -133,7 +152,7 @@ def _train_task(generalist: dict[str, Any], data: dict[str, np.ndarray] | None, 
     if data is None:  # load_data_on_workers: every node reads (or renders) the dataset itself, once
         key = f"{cfg.data.model_dump_json()}:{cfg.seed}"
         if key not in _WORKER_DATA:
-            _WORKER_DATA[key] = _data_arrays(cfg, generalist["meta"])
+            _WORKER_DATA[key] = with_train_top(cfg, _data_arrays(cfg, generalist["meta"]), generalist)
         data = _WORKER_DATA[key]
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*non-writable.*")  # object-store arrays are read-only

@@ -27,11 +27,12 @@ from specdistill.config import Config, ModelConfig
 from specdistill.data import Split
 from specdistill.data.loading import training_batches
 from specdistill.engine import fit, predict_logits, resolve_device
+from specdistill.errors import SpecdistillError
 from specdistill.kd import build_loss
 from specdistill.models import Classifier, build_model
-from specialists.dustbin import corrected_log_probs, dustbin_correction, group_share
+from specialists.dustbin import confusion_correction, corrected_log_probs, dustbin_correction, group_share
 from specialists.model import as_class_index, fold_logits, make_specialist
-from specialists.sampler import SpecialistBatchSampler, fold_labels
+from specialists.sampler import SpecialistBatchSampler, confusion_indices, fold_labels
 
 INIT_EXAMPLES = 2048      # examples whose features fit the dustbin row at initialisation
 NATURAL_EVAL = 4096       # held-out examples (natural class mix) for the folded NLL / dustbin metrics
@@ -54,6 +55,19 @@ def backbone_features(model: Classifier, images: np.ndarray, device: torch.devic
     out = [model.features(to_float(torch.as_tensor(images[i:i + batch_size]).to(device))).float().cpu()
            for i in range(0, len(images), batch_size)]
     return torch.cat(out)
+
+
+@torch.no_grad()
+def generalist_top_n(generalist_state: dict[str, Any], images: np.ndarray, n: int, device: torch.device | str,
+                     batch_size: int = 512) -> np.ndarray:
+    """[N, n] int32: the generalist's n most probable classes per (unaugmented) image, best first:
+    which specialists an image activates (``specialists.confusion_fraction``)."""
+    model = classifier_from_state(generalist_state).to(device)
+    out = []
+    for start in range(0, len(images), 8 * batch_size):
+        logits = predict_logits(model, images[start:start + 8 * batch_size], batch_size, device)
+        out.append(logits.topk(min(n, logits.shape[1]), dim=1).indices.to(torch.int32).cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, n), np.int32)
 
 
 def _balanced_sample(rng: np.random.Generator, inside: np.ndarray, count: int,
@@ -132,10 +146,17 @@ def train_one(generalist_state: dict[str, Any], group: dict[str, Any], data: dic
     train = Split(data["train_images"], data["train_labels"])
     val = Split(data["val_images"], data["val_labels"])
 
+    confusions = None
+    if scfg.confusion_fraction > 0:   # activation-matched dustbin: the generalist's confusions into the group
+        if "train_top" not in data:
+            raise SpecdistillError("specialists.confusion_fraction > 0 needs the generalist's top-n on the training "
+                                   "split (data['train_top']: generalist_top_n)")
+        confusions = confusion_indices(train.labels, data["train_top"], classes.numpy())
     sampler = SpecialistBatchSampler(train.labels, classes.numpy(), scfg.train.batch_size,
-                                     scfg.specialist_fraction, seed)
+                                     scfg.specialist_fraction, seed, confusions, scfg.confusion_fraction)
     share = group_share(train.labels, classes.numpy())
-    correction = dustbin_correction(sampler.training_fraction, share)
+    correction = (dustbin_correction(sampler.training_fraction, share)
+                  - confusion_correction(sampler.confusion_share, sampler.confusion_rate))
 
     inside_train = np.isin(train.labels, classes.numpy())
     init_idx = _balanced_sample(rng, inside_train, INIT_EXAMPLES, sampler.training_fraction)
@@ -191,6 +212,9 @@ def train_one(generalist_state: dict[str, Any], group: dict[str, Any], data: dic
         **{k: v for k, v in result.items() if k != "history"},
     }
     metrics["group_acc_gain"] = metrics["specialist_group_acc"] - metrics["generalist_group_acc"]
+    if confusions is not None:
+        metrics["confusions"] = {"examples": len(confusions), "rate": sampler.confusion_rate,
+                                 "share_of_dustbin": sampler.confusion_share}
     gmeta = generalist_state["meta"]
     return {
         "id": int(group["id"]), "classes": classes.tolist(), "names": list(group.get("names") or []),

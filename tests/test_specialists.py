@@ -27,7 +27,9 @@ from specialists import (
     specialist_log_probs,
     train_one,
 )
-from specialists.train import backbone_features
+from specialists.dustbin import confusion_correction
+from specialists.sampler import confusion_indices
+from specialists.train import backbone_features, generalist_top_n
 
 K, GROUP_SIZE, SIZE = 12, 3, 8
 
@@ -161,6 +163,70 @@ def test_sampler_gives_every_batch_the_asked_share_and_natural_proportions_outsi
     assert all(np.array_equal(a, b) for a, b in zip(again, sampler))
 
 
+def test_sampler_draws_the_asked_share_of_the_dustbin_from_confusions():
+    rng = np.random.default_rng(2)
+    labels = rng.integers(0, 20, 4000)
+    classes = [2, 7, 11]
+    top = np.where(rng.random(4000) < 0.1, rng.choice(classes, 4000), rng.integers(0, 20, 4000))[:, None]
+    confused = confusion_indices(labels, top, classes)
+    inside = np.isin(labels, classes)
+    assert set(confused) == set(np.flatnonzero(~inside & np.isin(top[:, 0], classes)))
+    sampler = SpecialistBatchSampler(labels, classes, 64, 0.5, seed=1, confusion_index=confused,
+                                     confusion_fraction=0.25)
+    assert sampler.confusion_per_batch == 8 and sampler.confusion_share == 0.25
+    assert sampler.confusion_rate == pytest.approx(len(confused) / (~inside).sum())
+    is_confused = np.zeros(len(labels), bool)
+    is_confused[confused] = True
+    drawn = []
+    for epoch in range(4):
+        sampler.set_epoch(epoch)
+        for batch in sampler:
+            assert len(batch) == 64 and inside[batch].sum() == 32
+            assert is_confused[batch[32:40]].all()              # the confusion slots
+            drawn.append(batch[32:40])
+    stream = np.concatenate(drawn)[:len(confused)]
+    assert len(stream) > 100 and len(np.unique(stream)) == len(stream)   # none twice before all were drawn
+    # confusion_fraction 0, or a group nothing is confused into: the paper's batches, unchanged
+    plain = SpecialistBatchSampler(labels, classes, 64, 0.5, seed=1)
+    for other in (SpecialistBatchSampler(labels, classes, 64, 0.5, seed=1, confusion_index=confused),
+                  SpecialistBatchSampler(labels, classes, 64, 0.5, seed=1, confusion_index=np.zeros(0, int),
+                                         confusion_fraction=0.5)):
+        assert other.confusion_share == 0.0
+        assert all(np.array_equal(a, b) for a, b in zip(plain, other))
+    with pytest.raises(SpecdistillError, match="outside the group"):
+        SpecialistBatchSampler(labels, classes, 64, confusion_index=np.flatnonzero(inside)[:3], confusion_fraction=0.5)
+
+
+def test_confusion_correction_recovers_the_natural_posterior_where_the_specialist_is_consulted():
+    """Batches: a share f from the group, the rest a share c of confusions (examples of other classes
+    on which the generalist activates the specialist) and 1 - c at random. A perfect learner of that mix,
+    corrected, gives the natural folded posterior on every input that activates the specialist."""
+    rng = np.random.default_rng(3)
+    k, n_x, classes = 9, 12, torch.tensor([1, 4, 6])
+    prior = torch.tensor(rng.dirichlet(np.ones(k) * 2))
+    likelihood = torch.tensor(rng.dirichlet(np.ones(n_x), size=k))          # p(x | y), rows sum to 1
+    activated = torch.zeros(n_x, dtype=torch.bool)
+    activated[[0, 2, 3, 7]] = True                                            # where top-n hits the group
+    group = torch.zeros(k, dtype=torch.bool)
+    group[classes] = True
+    pi = float(prior[group].sum())
+    r = float((prior[~group, None] * likelihood[~group][:, activated]).sum() / (1 - pi))
+    f, c = 0.5, 0.4
+    joint = torch.zeros(k, n_x, dtype=torch.float64)                          # the batches' p(y, x)
+    joint[group] = f * prior[group, None] * likelihood[group] / pi
+    joint[~group] = (1 - f) * prior[~group, None] * likelihood[~group] / (1 - pi) * (
+        (1 - c) + c * activated.double() / r)
+    learned = fold_logits(torch.log(joint / joint.sum(0)).T, classes)
+    natural = prior[:, None] * likelihood
+    want = torch.softmax(fold_logits(torch.log(natural / natural.sum(0)).T, classes), 1)
+    correction = dustbin_correction(f, pi) - confusion_correction(c, r)
+    got = corrected_log_probs(learned, correction).exp()
+    torch.testing.assert_close(got[activated], want[activated].float(), rtol=1e-5, atol=1e-6)
+    plain = corrected_log_probs(learned, dustbin_correction(f, pi)).exp()    # the paper's correction alone
+    assert (plain[activated] - want[activated]).abs().max() > 0.05
+    assert confusion_correction(0.0, r) == 0.0
+
+
 def test_sampler_rejects_impossible_mixes():
     labels = np.repeat(np.arange(4), 10)
     with pytest.raises(SpecdistillError, match="no training examples"):
@@ -250,6 +316,37 @@ def test_train_one_improves_the_group_and_the_correction_fixes_the_prior(trained
     assert m["trained"]["nll_specialist"] < m["trained"]["nll_specialist_uncorrected"]
     assert result["model_meta"]["num_classes"] == 4
     assert result["tensors"]["head.weight"].shape == (4, 32)
+
+
+def test_train_one_draws_its_dustbin_from_the_generalists_confusions(trained):
+    cfg, generalist, train, val = trained
+    state = {"tensors": {k: v.numpy() for k, v in generalist.state_dict().items()},
+             "meta": {"model": cfg.generalist.model.model_dump(mode="json"), "num_classes": K,
+                      "channels": 1, "image_size": SIZE}}
+    data = {"train_images": train.images, "train_labels": train.labels,
+            "val_images": val.images, "val_labels": val.labels}
+    classes = [2, 3, 4]   # across two look-alike families: class 5's examples often put 3 or 4 in the top 2
+    matched = cfg.model_copy(update={"specialists": cfg.specialists.model_copy(
+        update={"confusion_fraction": 0.5, "confusion_top_n": 2})})
+    with pytest.raises(SpecdistillError, match="train_top"):
+        train_one(state, {"id": 1, "classes": classes, "names": ["d", "e", "f"]}, data, matched)
+    top = generalist_top_n(state, train.images, 2, "cpu", batch_size=7)
+    want = predict_logits(generalist, train.images).topk(2, dim=1).indices.numpy()
+    assert np.array_equal(top, want)
+    from specialists.fanout import with_train_top   # the stage computes it once, for every task
+
+    assert "train_top" not in with_train_top(cfg, data, state)
+    assert np.array_equal(with_train_top(matched, data, state)["train_top"], top)
+    result = train_one(state, {"id": 1, "classes": classes, "names": ["d", "e", "f"]},
+                       {**data, "train_top": top}, matched)
+    confusions = result["metrics"]["confusions"]
+    outside = ~np.isin(train.labels, classes)
+    hits = outside & np.isin(top, classes).any(axis=1)
+    assert confusions["examples"] == hits.sum() > 0
+    assert confusions["rate"] == pytest.approx(hits.sum() / outside.sum())
+    assert confusions["share_of_dustbin"] == 0.5
+    assert result["dustbin_correction"] == pytest.approx(
+        math.log(3.0) - math.log1p(0.5 * (1 / confusions["rate"] - 1)))
 
 
 # ----------------------------------------------------------------------------------------------
