@@ -166,6 +166,9 @@ class SpecialistsConfig(_Section):
     specialist_fraction: float = Field(0.5, gt=0.0, lt=1.0)
     soft_targets: SoftTargetConfig = Field(default_factory=SoftTargetConfig)
     freeze_backbone: bool = False
+    # train only the new head (group classes + dustbin) for this many epochs first, on the generalist's
+    # frozen features, then everything for train.epochs ("keep the generalist's features"); 0 = off
+    head_epochs: int = Field(0, ge=0)
     # activation-matched dustbin (specialists/sampler.py): this share of each batch's dustbin half comes
     # from the generalist's confusions into the group - training examples of other classes whose
     # generalist top-confusion_top_n (use combine.top_n) holds a group class, i.e. what activates the
@@ -326,7 +329,7 @@ _NEUTRAL_DEFAULTS: dict[str, Any] = {"mean": None, "std": None, "weights": None,
                                      "dense_predictions_limit_mb": 1024.0,
                                      "eval_limit": None, "alternatives": True,
                                      "max_size": None, "weighting": "equal",
-                                     "confusion_fraction": 0.0, "confusion_top_n": 1}
+                                     "confusion_fraction": 0.0, "confusion_top_n": 1, "head_epochs": 0}
 # data options only natural-image sources read; their recipe changed with them (crop + flip instead
 # of the glyph jitter), so for those sources they stay in the hash and older runs are redone
 _NATURAL_ONLY: dict[str, Any] = {"crop_scale": [0.08, 1.0], "stream": "auto"}

@@ -193,9 +193,25 @@ def train_one(generalist_state: dict[str, Any], group: dict[str, Any], data: dic
     loader, augment = training_batches(train, cfg.data, seed=seed, labels=fold_labels(train.labels, classes.numpy()),
                                        sampler=sampler, device=device)
     fingerprint = f"specialist:{group['id']}:{classes.tolist()}:{correction:.6f}"
+    head_phase = None
+    if scfg.head_epochs and not scfg.freeze_backbone:   # the new head first, on the generalist's features
+        backbone = [p for p in specialist.backbone.parameters() if p.requires_grad]
+        for p in backbone:
+            p.requires_grad_(False)
+        head_train = scfg.train.model_copy(update={"epochs": scfg.head_epochs, "patience": None})
+        head_phase = fit(specialist, loader, early_stop, head_train,
+                         None if work_dir is None else os.path.join(work_dir, "head"), objective=objective,
+                         seed=seed, desc=f"specialist {group['id']} head", device=device, augment=augment,
+                         progress=progress, fingerprint=fingerprint + ":head")
+        for p in backbone:
+            p.requires_grad_(True)
     result = fit(specialist, loader, early_stop, scfg.train, work_dir, objective=objective, seed=seed,
                  desc=f"specialist {group['id']}", device=device, augment=augment, progress=progress,
                  fingerprint=fingerprint)
+    if head_phase is not None:   # the compute of both phases
+        result["head_epochs"] = head_phase["epochs_run"]
+        for key in ("images_seen", "train_seconds"):
+            result[key] += head_phase[key]
     spec_logits = predict_logits(specialist, eval_images, bs, device)
 
     group_slice = slice(0, len(classes))

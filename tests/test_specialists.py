@@ -333,7 +333,7 @@ def test_train_one_draws_its_dustbin_from_the_generalists_confusions(trained):
     top = generalist_top_n(state, train.images, 2, "cpu", batch_size=7)
     want = predict_logits(generalist, train.images).topk(2, dim=1).indices.numpy()
     assert np.array_equal(top, want)
-    from specialists.fanout import with_train_top   # the stage computes it once, for every task
+    from specialists.fanout import with_train_top  # the stage computes it once, for every task
 
     assert "train_top" not in with_train_top(cfg, data, state)
     assert np.array_equal(with_train_top(matched, data, state)["train_top"], top)
@@ -347,6 +347,39 @@ def test_train_one_draws_its_dustbin_from_the_generalists_confusions(trained):
     assert confusions["share_of_dustbin"] == 0.5
     assert result["dustbin_correction"] == pytest.approx(
         math.log(3.0) - math.log1p(0.5 * (1 / confusions["rate"] - 1)))
+
+
+def test_head_epochs_train_the_head_alone_first_then_everything(trained, monkeypatch):
+    import specialists.train as train_module
+
+    cfg, generalist, train, val = trained
+    state = {"tensors": {k: v.numpy() for k, v in generalist.state_dict().items()},
+             "meta": {"model": cfg.generalist.model.model_dump(mode="json"), "num_classes": K,
+                      "channels": 1, "image_size": SIZE}}
+    data = {"train_images": train.images, "train_labels": train.labels,
+            "val_images": val.images, "val_labels": val.labels}
+    calls, real_fit = [], train_module.fit
+
+    def spy(model, *args, **kwargs):
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        out = real_fit(model, *args, **kwargs)
+        calls.append({"epochs": args[2].epochs, "images": out["images_seen"],
+                      "backbone_trains": [p.requires_grad for p in model.backbone.parameters()],
+                      "backbone_moved": any(not torch.equal(before[k], v) for k, v in model.state_dict().items()
+                                            if k.startswith("backbone.") and v.is_floating_point()
+                                            and "running" not in k),
+                      "head_moved": not torch.equal(before["head.weight"], model.state_dict()["head.weight"])})
+        return out
+
+    monkeypatch.setattr(train_module, "fit", spy)
+    head_first = cfg.model_copy(update={"specialists": cfg.specialists.model_copy(update={"head_epochs": 2})})
+    result = train_one(state, {"id": 1, "classes": [3, 4, 5], "names": ["d", "e", "f"]}, data, head_first)
+    assert [c["epochs"] for c in calls] == [2, 3]
+    assert not calls[0]["backbone_moved"] and calls[0]["head_moved"]      # phase 1: the head alone
+    assert calls[1]["backbone_moved"]                                     # phase 2: everything
+    assert all(calls[1]["backbone_trains"])                               # unfrozen again afterwards
+    assert result["metrics"]["head_epochs"] == 2
+    assert result["metrics"]["images_seen"] == calls[0]["images"] + calls[1]["images"]
 
 
 # ----------------------------------------------------------------------------------------------
