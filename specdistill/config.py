@@ -234,6 +234,11 @@ class StudentConfig(_Section):
     # students trained beside the main one for comparison: true = all three, false = none, or a list
     # of "hard" (labels only), "from-generalist", "from-ensemble" (the main student's own is skipped)
     baselines: bool | list[Literal["hard", "from-generalist", "from-ensemble"]] = True
+    # where the teacher's targets come from: "cached" - computed once on the un-augmented training images
+    # and reused for every augmented view (cheap); "augmented" - the teacher (generalist or ensemble) runs
+    # on the very augmented batch the student sees, every step ("consistent" teaching, Beyer et al. 2022;
+    # costs the teacher's forward pass per step)
+    teacher_view: Literal["cached", "augmented"] = "cached"
 
 
 class PaperConfig(_Section):
@@ -329,7 +334,8 @@ _NEUTRAL_DEFAULTS: dict[str, Any] = {"mean": None, "std": None, "weights": None,
                                      "dense_predictions_limit_mb": 1024.0,
                                      "eval_limit": None, "alternatives": True,
                                      "max_size": None, "weighting": "equal",
-                                     "confusion_fraction": 0.0, "confusion_top_n": 1, "head_epochs": 0}
+                                     "confusion_fraction": 0.0, "confusion_top_n": 1, "head_epochs": 0,
+                                     "teacher_view": "cached"}
 # data options only natural-image sources read; their recipe changed with them (crop + flip instead
 # of the glyph jitter), so for those sources they stay in the hash and older runs are redone
 _NATURAL_ONLY: dict[str, Any] = {"crop_scale": [0.08, 1.0], "stream": "auto"}

@@ -71,8 +71,11 @@ def evaluation(cfg: Config, dataset: Dataset, students: dict[str, dict[str, Any]
         "ensemble_gain": None if ensemble is None else ensemble - generalist,
         "cache": cache_info,
         "config": cfg.student.model_dump(mode="json"),
-        "augmentation": "teacher targets computed once on un-augmented training images and reused for "
-                        f"every augmented view (data.augment={cfg.data.augment})",
+        "augmentation": ("the teacher (generalist or ensemble) run on every augmented batch the student sees "
+                         f"(student.teacher_view=augmented, data.augment={cfg.data.augment})"
+                         if cfg.student.teacher_view == "augmented" else
+                         "teacher targets computed once on un-augmented training images and reused for "
+                         f"every augmented view (data.augment={cfg.data.augment})"),
     }
 
 

@@ -83,6 +83,12 @@ def generalists_teacher(folders: Sequence[Path], dataset: Dataset, device: torch
 def ensemble_teacher(cfg: Config, dataset: Dataset, device: torch.device, batch_size: int = 512) -> TeacherFn:
     """Generalist + every specialist, combined per example: the ensemble the combine stage evaluated
     (the same :class:`combine.ensemble.Ensemble`, rule, held-out calibration and gate)."""
+    ensemble = loaded_ensemble(cfg, dataset, device, batch_size)
+    return lambda images: ensemble.log_probs(images, cfg.combine)
+
+
+def loaded_ensemble(cfg: Config, dataset: Dataset, device: torch.device, batch_size: int = 512) -> Any:
+    """The combine stage's :class:`combine.ensemble.Ensemble` with its held-out calibration and gate."""
     from combine.calibration import Calibration  # earlier stages: allowed, imported lazily
     from combine.ensemble import Ensemble
     from combine.gating import Gate
@@ -95,7 +101,61 @@ def ensemble_teacher(cfg: Config, dataset: Dataset, device: torch.device, batch_
         ensemble.calibration = Calibration.read(run.calibration, len(ensemble))
     if cfg.combine.gate != "none" or cfg.combine.weighting != "equal":
         ensemble.gate = Gate.read(run.gating, len(ensemble))
-    return lambda images: ensemble.log_probs(images, cfg.combine)
+    return ensemble
+
+
+class LiveEnsemble(nn.Module):
+    """The ensemble teacher as a module over normalised float batches [B, C, H, W]: the generalist, the
+    specialists its top-n (and the held-out gate) activate, the KL combiner; log q [B, K] on the batch's
+    device. The student's ``teacher_view: augmented`` runs it on every augmented batch."""
+
+    def __init__(self, ensemble: Any, rule: Any) -> None:
+        super().__init__()
+        self.ensemble, self.rule = ensemble, rule
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        from combine.calibration import apply_temperature
+        from specialists.dustbin import specialist_log_probs
+
+        ens = self.ensemble
+        gen = apply_temperature(torch.log_softmax(ens.generalist(images).float(), dim=1).cpu(),
+                                ens.calibration.generalist)
+        active = ens.active(gen, self.rule.top_n)
+        outputs = []
+        for m, group in enumerate(ens.groups):
+            out = torch.zeros(len(images), len(group) + 1)
+            rows = active[:, m]
+            if rows.any():
+                out[rows] = specialist_log_probs(ens.specialists[m], images[rows.to(images.device)],
+                                                 ens.infos[m].dustbin_correction,
+                                                 temperature=ens.calibration.specialists[m]).float().cpu()
+            outputs.append(out)
+        return ens.combine(gen, outputs, self.rule, active=active).to(images.device)
+
+
+class LogProbsOf(nn.Module):
+    """A classifier's log-probabilities (the generalist as a live teacher)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.log_softmax(self.model(images).float(), dim=1)
+
+
+def live_teacher(cfg: Config, kind: str, dataset: Dataset, device: torch.device) -> nn.Module:
+    """The teacher as a module run on the student's own augmented batches (``student.teacher_view``)."""
+    run = RunDir.of(cfg)
+    if kind == "generalist":
+        model, meta = load_classifier(run.generalist_weights, device)
+        check_class_count(meta["num_classes"], dataset, "generalist")
+        return LogProbsOf(model.to(device).eval())
+    if kind == "ensemble":
+        return LiveEnsemble(loaded_ensemble(cfg, dataset, device, cfg.student.train.eval_batch_size), cfg.combine)
+    raise SpecdistillError(f"student.teacher_view=augmented runs the generalist or the ensemble live, not the "
+                           f"{kind} teacher; use student.teacher_view=cached for it")
 
 
 # ----------------------------------------------------------------------------------------------

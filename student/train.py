@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from specdistill.artifacts import read_json, write_json, write_text
 from specdistill.cli import config_from_args, prepare_run_dir, setup_environment, stage_parser
@@ -36,7 +37,7 @@ from specdistill.records import CombineResult
 from specdistill.rundir import RunDir
 from student.cache import TeacherCache, build_cache, cache_key, data_fingerprint, load_or_build, tempered_tail_share
 from student.report import evaluation, render_report
-from student.teachers import describe_teacher, ensure_generalists, make_teacher, models_teacher
+from student.teachers import describe_teacher, ensure_generalists, live_teacher, make_teacher, models_teacher
 
 
 @dataclass(frozen=True)
@@ -77,11 +78,13 @@ def plan_students(cfg: Config) -> list[StudentPlan]:
     return plans
 
 
-def train_one(cfg: Config, plan: StudentPlan, dataset: Dataset, teacher: TeacherCache | None,
-              out_dir: Path, device: torch.device, progress: bool = True) -> tuple[Classifier, dict]:
-    """Train one student with ``engine.fit``; resumes a checkpoint in ``out_dir``."""
+def train_one(cfg: Config, plan: StudentPlan, dataset: Dataset, teacher: TeacherCache | nn.Module | None,
+              out_dir: Path, device: torch.device, progress: bool = True,
+              teacher_key: str | None = None) -> tuple[Classifier, dict]:
+    """Train one student with ``engine.fit``; resumes a checkpoint in ``out_dir``. ``teacher``: cached
+    targets, or a module run live on every augmented batch (``student.teacher_view: augmented``)."""
     loss = loss_from_config(plan.loss)
-    if teacher is not None and teacher.num_classes != dataset.num_classes:
+    if isinstance(teacher, TeacherCache) and teacher.num_classes != dataset.num_classes:
         raise SpecdistillError(
             f"the teacher targets score {teacher.num_classes} classes but the student is built for "
             f"{dataset.num_classes}; delete {RunDir.of(cfg).teacher_caches} and rerun the student stage"
@@ -94,7 +97,7 @@ def train_one(cfg: Config, plan: StudentPlan, dataset: Dataset, teacher: Teacher
     result = fit(model, loader, dataset.val, train, out_dir,
                  objective=distiller.objective, seed=cfg.seed, desc=plan.name, device=device,
                  augment=augment, progress=progress,
-                 fingerprint=f"{plan}:{teacher.key if teacher else 'labels'}")
+                 fingerprint=f"{plan}:{teacher_key or (teacher.key if teacher is not None else 'labels')}")
     return model, result
 
 
@@ -187,6 +190,12 @@ class TeacherCaches:
             self._warn_flat_tail(kind)
         return self.caches[kind]
 
+    def live(self, kind: str) -> tuple[nn.Module, str]:
+        """The teacher as a module for ``student.teacher_view: augmented`` (no cache), and its key: the
+        cached teacher's description (the models by content) marked as seen through augmentation."""
+        key = cache_key({**describe_teacher(self.cfg, kind, self.fingerprint), "view": "augmented"})
+        return live_teacher(self.cfg, kind, self.dataset, self.device), key
+
     def add_assistant(self, model: Classifier, description: dict[str, Any]) -> None:
         """The trained assistant teaches the student: cache its targets too."""
         cfg = self.cfg
@@ -210,11 +219,14 @@ class TeacherCaches:
 def train_and_save(cfg: Config, run: RunDir, plan: StudentPlan, dataset: Dataset, teachers: TeacherCaches,
                    progress: bool) -> dict[str, Any]:
     """Train one planned student (resuming its checkpoint), evaluate it, save its weights; its eval row."""
-    teacher = None if plan.teacher is None else teachers.get(plan.teacher)
-    key = teacher.key if teacher is not None else "labels"
+    if plan.teacher is not None and plan.teacher != "assistant" and cfg.student.teacher_view == "augmented":
+        teacher, key = teachers.live(plan.teacher)
+    else:
+        teacher = None if plan.teacher is None else teachers.get(plan.teacher)
+        key = teacher.key if teacher is not None else "labels"
     folder = _run_folder(plan, key, cfg, teachers.fingerprint)
     model, result = train_one(cfg, plan, dataset, teacher, run.student_checkpoints(folder), teachers.device,
-                              progress)
+                              progress, teacher_key=key)
     val = evaluate(model, dataset.val, cfg.student.train.eval_batch_size, teachers.device)
     test = evaluate(model, dataset.test, cfg.student.train.eval_batch_size, teachers.device)
     metrics = {"val_acc": val["acc"], "test_acc": test["acc"], "test_loss": test["loss"],

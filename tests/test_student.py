@@ -327,6 +327,44 @@ def test_stage_with_generalists_teacher_and_assistant(tiny_run):
     assert result["students"]["student"]["test_acc"] > 0.25
 
 
+def test_teacher_on_the_augmented_view_runs_the_ensemble_on_every_batch(tiny_run, monkeypatch):
+    """student.teacher_view=augmented: the live ensemble equals the cached teacher on clean images, the
+    students see it on their own augmented batches (no cache is built), and it keys its own runs."""
+    from specdistill.data.loading import to_float
+    from student import teachers as teachers_module
+    from student.teachers import LiveEnsemble, ensemble_teacher, live_teacher
+    from student.train import run_student
+
+    tmp_path, data = tiny_run
+    cfg = _cfg(tmp_path, teacher="ensemble", teacher_view="augmented", baselines=["from-generalist"])
+    live = live_teacher(cfg, "ensemble", data, torch.device("cpu"))
+    clean = data.train.images[:50]
+    cached = ensemble_teacher(cfg, data, torch.device("cpu"))(clean)
+    torch.testing.assert_close(live(to_float(torch.as_tensor(clean))), cached, atol=1e-5, rtol=1e-5)
+    seen = {"ensemble": [], "generalist": []}
+    for name, cls in (("ensemble", LiveEnsemble), ("generalist", teachers_module.LogProbsOf)):
+        def spy(self, images, real=cls.forward, name=name):
+            seen[name].append(images.clone())
+            return real(self, images)
+
+        monkeypatch.setattr(cls, "forward", spy)
+    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"augment": True})})
+    for stage in ("generalist", "specialists", "combine"):   # the same models, now trained "with" augmentation
+        mark_done(cfg.run_path, stage, stage_hash(cfg, stage), **({"ids": [0, 1]} if stage == "specialists" else {}))
+    result = run_student(cfg, progress=False, dataset=data)
+    run = cfg.run_path
+    assert not any((run / "student" / "cache" / kind).exists() for kind in ("ensemble", "generalist"))
+    batches = cfg.student.train.epochs * -(-len(data.train) // cfg.student.train.batch_size)
+    assert len(seen["ensemble"]) == len(seen["generalist"]) == batches   # a teacher pass per training step
+    raw = to_float(torch.as_tensor(data.train.images))[:, 0]
+    for batch in seen["ensemble"][:3]:                 # augmented views, not the clean images
+        assert not any(torch.equal(image[0], r) for image in batch[:4] for r in raw)
+    assert "run on every augmented batch" in result["augmentation"]
+    assert set(result["students"]) == {"student", "from-generalist"} and result["test_acc"] > 0.25
+    with pytest.raises(SpecdistillError, match="teacher_view=cached"):
+        live_teacher(cfg, "generalists", data, torch.device("cpu"))
+
+
 def test_specdistill_student_command_reports_a_missing_upstream_stage(tmp_path, capsys):
     from specdistill.cli import main
 
