@@ -171,9 +171,10 @@ class SpecialistsConfig(_Section):
     head_epochs: int = Field(0, ge=0)
     # activation-matched dustbin (specialists/sampler.py): this share of each batch's dustbin half comes
     # from the generalist's confusions into the group - training examples of other classes whose
-    # generalist top-confusion_top_n (use combine.top_n) holds a group class, i.e. what activates the
-    # specialist at inference - the rest at random; the dustbin correction accounts for it. 0 = the
-    # paper's random remainder alone
+    # generalist top-confusion_top_n holds a group class, i.e. what activates the specialist at
+    # inference - the rest at random; the dustbin correction accounts for it. It is exact wherever the
+    # specialist is consulted when confusion_top_n >= combine.top_n (a larger n finds more confusions on a
+    # training split the generalist fits). 0 = the paper's random remainder alone
     confusion_fraction: float = Field(0.0, ge=0.0, le=1.0)
     confusion_top_n: int = Field(1, ge=1)
     num_gpus_per_task: float = Field(0.0, ge=0.0)  # 0 = auto: 1 when the cluster has GPUs
