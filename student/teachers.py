@@ -9,7 +9,10 @@ teacher also has a *description* - everything its targets depend on - which keys
 * ``generalist`` - the generalist alone (the baseline that shows what the specialists add).
 * ``generalists`` - the arithmetic mean of the distributions of several generalists trained from
   different seeds (the paper's "ensemble of models", section 4); seeds other than the run's own are
-  trained here into ``<run>/generalist-seed<s>/`` with the generalist stage's own code.
+  trained into ``<run>/generalist-seed<s>/`` with the generalist stage's own code (``generalist/rivals.py``).
+
+With ``student.teacher_view: augmented`` the generalist or the ensemble is not cached but run as a module
+(:func:`live_teacher`) on every augmented batch the student sees.
 """
 
 from __future__ import annotations
