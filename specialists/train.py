@@ -5,9 +5,11 @@ and returns plain values (numpy weights, metrics); the driver writes the files. 
 
 1. rebuild the generalist and fit the specialist's head from it (:func:`make_specialist`), on
    backbone features of a half-group / half-other sample of training images;
-2. train with :func:`specdistill.engine.fit` on half/half batches (:class:`SpecialistBatchSampler`),
-   early stopping on held-out examples of the group plus dustbin examples in the same proportion
-   as the training batches (so the held-out score measures what the batches teach);
+2. train with :func:`specdistill.engine.fit` on half/half batches (:class:`SpecialistBatchSampler`;
+   with ``confusion_fraction`` part of the dustbin half comes from the generalist's confusions into
+   the group, ``data["train_top"]``), early stopping on held-out examples of the group plus dustbin
+   examples in the same proportion as the training batches (so the held-out score measures what the
+   batches teach); with ``head_epochs`` the new head alone trains first, on frozen features;
 3. optionally add soft targets from the generalist folded onto group + dustbin (paper section 6.1),
    shifted to the training prior so that one dustbin correction fits both loss terms;
 4. measure on held-out data: accuracy within the group against the generalist's on the same
