@@ -299,13 +299,19 @@ def test_specialist_log_probs_applies_the_correction_once(trained):
 # Training one specialist (the pure function a Ray task runs)
 
 
-def test_train_one_improves_the_group_and_the_correction_fixes_the_prior(trained):
-    cfg, generalist, train, val = trained
+def _task_inputs(cfg, generalist, train, val):
+    """What a Ray task gets: the generalist as plain arrays + meta, and the data arrays."""
     state = {"tensors": {k: v.numpy() for k, v in generalist.state_dict().items()},
              "meta": {"model": cfg.generalist.model.model_dump(mode="json"), "num_classes": K,
                       "channels": 1, "image_size": SIZE}}
     data = {"train_images": train.images, "train_labels": train.labels,
             "val_images": val.images, "val_labels": val.labels}
+    return state, data
+
+
+def test_train_one_improves_the_group_and_the_correction_fixes_the_prior(trained):
+    cfg, generalist, train, val = trained
+    state, data = _task_inputs(cfg, generalist, train, val)
     result = train_one(state, {"id": 1, "classes": [3, 4, 5], "names": ["d", "e", "f"]}, data, cfg)
     m = result["metrics"]
     assert result["dustbin_correction"] == pytest.approx(math.log(3.0))     # f = 1/2, group = 1/4
@@ -320,11 +326,7 @@ def test_train_one_improves_the_group_and_the_correction_fixes_the_prior(trained
 
 def test_train_one_draws_its_dustbin_from_the_generalists_confusions(trained):
     cfg, generalist, train, val = trained
-    state = {"tensors": {k: v.numpy() for k, v in generalist.state_dict().items()},
-             "meta": {"model": cfg.generalist.model.model_dump(mode="json"), "num_classes": K,
-                      "channels": 1, "image_size": SIZE}}
-    data = {"train_images": train.images, "train_labels": train.labels,
-            "val_images": val.images, "val_labels": val.labels}
+    state, data = _task_inputs(cfg, generalist, train, val)
     classes = [2, 3, 4]   # across two look-alike families: class 5's examples often put 3 or 4 in the top 2
     matched = cfg.model_copy(update={"specialists": cfg.specialists.model_copy(
         update={"confusion_fraction": 0.5, "confusion_top_n": 2})})
@@ -353,11 +355,7 @@ def test_head_epochs_train_the_head_alone_first_then_everything(trained, monkeyp
     import specialists.train as train_module
 
     cfg, generalist, train, val = trained
-    state = {"tensors": {k: v.numpy() for k, v in generalist.state_dict().items()},
-             "meta": {"model": cfg.generalist.model.model_dump(mode="json"), "num_classes": K,
-                      "channels": 1, "image_size": SIZE}}
-    data = {"train_images": train.images, "train_labels": train.labels,
-            "val_images": val.images, "val_labels": val.labels}
+    state, data = _task_inputs(cfg, generalist, train, val)
     calls, real_fit = [], train_module.fit
 
     def spy(model, *args, **kwargs):
