@@ -98,6 +98,9 @@ def headline(cfg: Config) -> dict[str, Any]:
         if "val" in combined.splits:
             out["ensemble held-out acc"] = combined.ensemble_acc("val")
         out["ensemble test acc"] = combined.ensemble_acc("test")
+        if combined.rivals:   # combine.rivals: what the specialists' compute buys spent on generalists
+            out[f"generalist {combined.rivals['longer']['epochs']} epochs test acc"] = combined.rivals["longer"]["test"]
+            out["2 generalists test acc"] = combined.rivals["seeds"]["test"]
     st = _load(run.student_eval)
     if st:
         student = (st.get("students") or {}).get("student", {})
