@@ -773,7 +773,7 @@ def test_rivals_train_the_generalist_longer_and_from_another_seed(tmp_path, monk
     assert "## Compute-matched rivals" in report and "Generalist trained 5 epochs" in report
     assert "seeds 0, 1" in report and "600 training images" in report
     assert "accuracy of the rivals" in capsys.readouterr().out
-    from specdistill.report import headline   # the run's summary names them too
+    from specdistill.report import headline  # the run's summary names them too
 
     summary = headline(with_rivals)
     assert summary["generalist 5 epochs test acc"] == longer["test"]
