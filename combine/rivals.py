@@ -25,7 +25,7 @@ from specdistill.artifacts import read_json
 from specdistill.config import Config
 from specdistill.data import Dataset
 from specdistill.errors import SpecdistillError
-from specdistill.formatting import md_table
+from specdistill.formatting import md_table, percent
 from specdistill.rundir import SPLITS, RunDir
 
 
@@ -64,19 +64,16 @@ def rival_lines(rivals: dict[str, Any] | None, generalist: dict[str, float], ens
     """The combine report's section on the rivals (empty when they were not trained)."""
     if not rivals:
         return []
-    def pct(x: float) -> str:
-        return f"{100 * x:.2f}%"
-
     longer, seeds = rivals["longer"], rivals["seeds"]
     splits = [s for s in SPLITS if s in generalist]
     base = longer["epochs"] - longer["extra_epochs"]
-    rows = [["Generalist", f"{base} epochs", *(pct(generalist[s]) for s in splits)],
+    rows = [["Generalist", f"{base} epochs", *(percent(generalist[s], 2) for s in splits)],
             ["Generalist + specialists (this report's ensemble)", f"+ {longer['extra_epochs']} epochs' worth",
-             *(pct(ensemble[s]) for s in splits)],
+             *(percent(ensemble[s], 2) for s in splits)],
             [f"Generalist trained {longer['epochs']} epochs", f"+ {longer['extra_epochs']} epochs",
-             *(pct(longer[s]) for s in splits)],
+             *(percent(longer[s], 2) for s in splits)],
             [f"Mean of {len(seeds['seeds'])} generalists (seeds {', '.join(map(str, seeds['seeds']))})",
-             "+ 1 generalist", *(pct(seeds[s]) for s in splits)]]
+             "+ 1 generalist", *(percent(seeds[s], 2) for s in splits)]]
     how = "counted" if rivals["specialist_images_exact"] else "estimated as images/s x seconds"
     return ["## Compute-matched rivals", "",
             f"The specialists processed {rivals['specialist_images']:,} training images ({how}), "
