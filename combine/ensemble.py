@@ -92,7 +92,7 @@ class Ensemble:
         return specialist_log_probs(self.specialists[m], images, self.infos[m].dustbin_correction,
                                     self.batch_size, self.device, tau).cpu()
 
-    def specialist_outputs(self, images: np.ndarray, active: torch.Tensor) -> list[torch.Tensor]:
+    def specialist_outputs(self, images: np.ndarray | torch.Tensor, active: torch.Tensor) -> list[torch.Tensor]:
         """Each specialist's [B, |S_m| + 1] rows where ``active[:, m]``; rows it skips are zeros, never read."""
         outputs = []
         for m, group in enumerate(self.groups):
@@ -118,8 +118,9 @@ class Ensemble:
                           [o.to(self.device) for o in outputs], solver=rule.solver, max_iter=rule.max_iter,
                           tol=rule.tol, active=active.to(self.device), weights=self.gate.weights).float().cpu()
 
-    def log_probs(self, images: np.ndarray, rule: CombineConfig) -> torch.Tensor:
-        """[B, K] log q of the ensemble for uint8 images: generalist, active specialists, KL combiner."""
+    def log_probs(self, images: np.ndarray | torch.Tensor, rule: CombineConfig) -> torch.Tensor:
+        """[B, K] log q of the ensemble (on the CPU) for uint8 images or a normalised float batch (the
+        student's augmented view): generalist, active specialists, KL combiner."""
         gen = self.generalist_log_probs(images)
         active = self.active(gen, rule.top_n)
         return self.combine(gen, self.specialist_outputs(images, active), rule, active=active)

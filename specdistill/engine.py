@@ -95,13 +95,16 @@ def predict_logits(model: nn.Module, images: np.ndarray | torch.Tensor, batch_si
     """Logits for uint8 images, in batches, as a float32 CPU tensor.
 
     ``images`` is only ever sliced, so a streamed split (``data.stream.FolderImages``) is decoded a
-    batch at a time (the next one read ahead while the model runs), never whole.
+    batch at a time (the next one read ahead while the model runs), never whole. A floating-point
+    tensor is taken as already normalised ``[B, C, H, W]`` (e.g. the student's augmented batch).
     """
     device = torch.device(device) if device is not None else next(model.parameters()).device
     model = model.to(device).eval()
+    normalised = isinstance(images, torch.Tensor) and images.is_floating_point()
     out = []
     for start in tqdm(range(0, len(images), batch_size), desc="predict", disable=not progress, leave=False):
-        x = to_float(torch.as_tensor(images[start:start + batch_size]).to(device))
+        batch = torch.as_tensor(images[start:start + batch_size]).to(device)
+        x = batch if normalised else to_float(batch)
         with _autocast(device):
             out.append(model(x).float().cpu())
     if not out:

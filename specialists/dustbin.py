@@ -92,16 +92,11 @@ def corrected_log_probs(logits: torch.Tensor, correction: float, temperature: fl
 def specialist_log_probs(model: nn.Module, images: np.ndarray | torch.Tensor, correction: float,
                          batch_size: int = 512, device: torch.device | str | None = None,
                          temperature: float = 1.0) -> torch.Tensor:
-    """A specialist's corrected log-probabilities ``[B, |group| + 1]`` (dustbin last).
+    """A specialist's corrected log-probabilities ``[B, |group| + 1]`` (dustbin last), on the CPU.
 
-    ``images`` are uint8 (``[B,H,W]`` / ``[B,H,W,C]``, numpy or tensor: run in batches on
-    ``device`` and returned on the CPU) or an already normalised float batch ``[B,C,H,W]`` (e.g.
-    the student's augmented batch: run on the model's device and returned there). This is the one place the
-    dustbin correction (and a calibration temperature) is applied; combine and student call it rather
-    than the model directly.
+    ``images`` are uint8 (``[B,H,W]`` / ``[B,H,W,C]``, numpy or tensor) or an already normalised float
+    batch ``[B,C,H,W]`` (e.g. the student's augmented batch), run in batches on ``device``. This is the
+    one place the dustbin correction (and a calibration temperature) is applied; combine and student
+    call it rather than the model directly.
     """
-    if isinstance(images, torch.Tensor) and images.is_floating_point():
-        model.eval()
-        logits = model(images.to(next(model.parameters()).device))
-        return corrected_log_probs(logits, correction, temperature)
     return corrected_log_probs(predict_logits(model, images, batch_size, device), correction, temperature)

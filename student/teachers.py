@@ -116,25 +116,8 @@ class LiveEnsemble(nn.Module):
         super().__init__()
         self.ensemble, self.rule = ensemble, rule
 
-    @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        from combine.calibration import apply_temperature
-        from specialists.dustbin import specialist_log_probs
-
-        ens = self.ensemble
-        gen = apply_temperature(torch.log_softmax(ens.generalist(images).float(), dim=1).cpu(),
-                                ens.calibration.generalist)
-        active = ens.active(gen, self.rule.top_n)
-        outputs = []
-        for m, group in enumerate(ens.groups):
-            out = torch.zeros(len(images), len(group) + 1)
-            rows = active[:, m]
-            if rows.any():
-                out[rows] = specialist_log_probs(ens.specialists[m], images[rows.to(images.device)],
-                                                 ens.infos[m].dustbin_correction,
-                                                 temperature=ens.calibration.specialists[m]).float().cpu()
-            outputs.append(out)
-        return ens.combine(gen, outputs, self.rule, active=active).to(images.device)
+        return self.ensemble.log_probs(images, self.rule).to(images.device)
 
 
 class LogProbsOf(nn.Module):
