@@ -198,10 +198,15 @@ def fit_gate(kind: str, outputs: SplitOutputs, rule, progress: Callable[[str], N
     scores = {tau: r / N for tau, r in right.items()}
     best = max(scores.values())
     gate.threshold = float(min(t for t, s in scores.items() if s == best))   # ties: consult fewer
+    if record["ungated_acc"] > best:
+        # the kept set is judged one specialist at a time; together (several active at top-n > 1) the
+        # closed ones may help: never choose a gate worse on held-out data than consulting every one
+        gate.keep, gate.threshold, best = [True] * M, 1.0, record["ungated_acc"]
+        record["fell_back_to_open"] = True
     if kind in ("confidence", "both"):
         record["threshold_candidates"] = {f"{t:g}": s for t, s in scores.items()}
     gate.kind = kind
-    record["gated_acc"] = scores[gate.threshold]
+    record["gated_acc"] = best
     gate.held_out = record
     progress(f"combine: gate '{kind}' fitted on held-out data: keeps {sum(gate.keep)} of {M} specialists"
              + (f", consulted below top probability {gate.threshold:.3f}" if gate.threshold < 1.0 else "")

@@ -626,6 +626,28 @@ def test_group_gain_gate_closes_a_specialist_that_hurts_on_held_out_data():
     assert not gate.apply(active_specialists(gen, groups, 1), gen).any()
 
 
+def test_a_gate_never_scores_below_consulting_every_specialist_on_held_out_data(monkeypatch):
+    """group_gain judges each specialist alone; when the kept set then does worse on held-out data than
+    every specialist together, the gate falls back to consulting every one."""
+    from combine import gating
+
+    gen, groups, specs, labels = informative_ensemble()
+    real = gating._correct
+
+    def alone_looks_harmful(gen_lp, groups_, outputs, active, labels_, rule):
+        right = real(gen_lp, groups_, outputs, active, labels_, rule)
+        return torch.zeros_like(right) if len(labels_) < len(labels) else right   # the one-specialist pass
+
+    monkeypatch.setattr(gating, "_correct", alone_looks_harmful)
+    gate = gating.fit_gate("both", SplitOutputs.from_arrays(gen, groups, specs, labels), CombineConfig(top_n=1),
+                           progress=lambda line: None)
+    record = gate.held_out
+    assert record["group_gains"] and all(g < 0 for g in record["group_gains"] if g)
+    assert record["ungated_acc"] > max(record["threshold_candidates"].values())   # the kept set alone is worse
+    assert gate.keep == [True] * len(groups) and gate.threshold == 1.0 and record["fell_back_to_open"]
+    assert record["gated_acc"] == record["ungated_acc"]
+
+
 def test_confidence_gate_is_chosen_on_held_out_data_and_read_back(tmp_path):
     from combine.gating import Gate, fit_gate
 
