@@ -116,6 +116,7 @@ class LiveEnsemble(nn.Module):
         super().__init__()
         self.ensemble, self.rule = ensemble, rule
 
+    @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.ensemble.log_probs(images, self.rule).to(images.device)
 
