@@ -240,6 +240,10 @@ class StudentConfig(_Section):
     # on the very augmented batch the student sees, every step ("consistent" teaching, Beyer et al. 2022;
     # costs the teacher's forward pass per step)
     teacher_view: Literal["cached", "augmented"] = "cached"
+    # where the student and its baselines start: "scratch" (random weights) or "generalist" (the run's
+    # generalist's weights, so distillation fine-tunes the network the user already has; student.model must
+    # then be generalist.model). The assistant of student.assistant starts from scratch either way.
+    init: Literal["scratch", "generalist"] = "scratch"
 
 
 class PaperConfig(_Section):
@@ -289,6 +293,10 @@ class Config(_Section):
         if self.clustering.size is not None and self.clustering.size < self.clustering.min_size:
             raise ValueError(f"clustering.size ({self.clustering.size}) is below clustering.min_size "
                              f"({self.clustering.min_size}); raise clustering.size or lower clustering.min_size")
+        if self.student.init == "generalist" and self.student.model != self.generalist.model:
+            raise ValueError("student.init=generalist starts the student from the generalist's weights, so "
+                             "student.model must be generalist.model; copy generalist.model into student.model "
+                             "or set student.init: scratch")
         if self.specialists.train.workers != 1:
             raise ValueError(f"specialists.train.workers={self.specialists.train.workers}: each specialist is one "
                              "Ray task on one device, and the cluster trains many at once; remove the key")
@@ -336,7 +344,7 @@ _NEUTRAL_DEFAULTS: dict[str, Any] = {"mean": None, "std": None, "weights": None,
                                      "eval_limit": None, "alternatives": True,
                                      "max_size": None, "weighting": "equal",
                                      "confusion_fraction": 0.0, "confusion_top_n": 1, "head_epochs": 0,
-                                     "teacher_view": "cached"}
+                                     "teacher_view": "cached", "init": "scratch"}
 # data options only natural-image sources read; their recipe changed with them (crop + flip instead
 # of the glyph jitter), so for those sources they stay in the hash and older runs are redone
 _NATURAL_ONLY: dict[str, Any] = {"crop_scale": [0.08, 1.0], "stream": "auto"}

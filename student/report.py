@@ -83,15 +83,16 @@ def render_report(result: dict[str, Any]) -> str:
     lines = ["# Student: one model distilled from the teachers", ""]
     temperature = result["config"]["loss"]["temperature"]
     teachers = result["teachers"]
-    rows = [[f"**{name}** (teacher)", "", "", "", "", percent(t.get("val_acc")), percent(t["test_acc"]), ""]
+    rows = [[f"**{name}** (teacher)", "", "", "", "", "", percent(t.get("val_acc")), percent(t["test_acc"]), ""]
             for name, t in teachers.items()]
     for name, s in result["students"].items():
         loss = s["loss"]["name"] + ("" if s["loss"]["name"] == "hard" else
                                     f" T={s['loss']['temperature']:g} alpha={s['loss']['alpha']:g}")
-        rows.append([s["title"], s["teacher"] or "labels", loss, f"{s['parameters']:,}", f"{s['macs']:,}",
+        rows.append([s["title"], s["teacher"] or "labels", loss, s.get("init", "scratch"), f"{s['parameters']:,}",
+                     f"{s['macs']:,}",
                      percent(s["val_acc"]), percent(s["test_acc"]), percent(result["gain_kept"][name])])
-    lines.append(md_table(["system", "teacher", "loss", "parameters", "MACs", "val acc", "test acc", "gain kept"],
-                          rows, align="lllrrrrr"))
+    lines.append(md_table(["system", "teacher", "loss", "starts from", "parameters", "MACs", "val acc", "test acc",
+                           "gain kept"], rows, align="llllrrrrr"))
     lines.append("")
     if result["ensemble_gain"] is None:
         lines.append("The ensemble's accuracy is not available (combine/eval.json), so no share of its gain "

@@ -31,7 +31,7 @@ from specdistill.engine import evaluate, fit, resolve_device
 from specdistill.errors import SpecdistillError, exit_on_error
 from specdistill.hashing import digest_json
 from specdistill.kd import Distiller, loss_from_config
-from specdistill.models import Classifier, build_model, count_flops, save_classifier
+from specdistill.models import Classifier, build_model, count_flops, load_classifier, save_classifier
 from specdistill.provenance import is_done, mark_done, require_done
 from specdistill.records import CombineResult
 from specdistill.rundir import RunDir
@@ -52,6 +52,23 @@ class StudentPlan:
 
 
 BASELINES = ("hard", "from-generalist", "from-ensemble")
+
+
+def starts_from(cfg: Config, plan: StudentPlan) -> str:
+    """Where a planned network's weights start (``student.init``): the assistant, another network,
+    always from scratch."""
+    return "scratch" if plan.name == "assistant" else cfg.student.init
+
+
+def warm_start(model: Classifier, cfg: Config) -> None:
+    """Copy the run's generalist's weights into ``model`` (``student.init: generalist``)."""
+    path = RunDir.of(cfg).generalist_weights
+    generalist, _ = load_classifier(path)
+    try:
+        model.load_state_dict(generalist.state_dict())
+    except RuntimeError as exc:
+        raise SpecdistillError(f"student.init=generalist: {path} does not fit student.model "
+                               f"({str(exc).splitlines()[0]}); set student.init: scratch") from None
 
 
 def plan_students(cfg: Config) -> list[StudentPlan]:
@@ -91,13 +108,17 @@ def train_one(cfg: Config, plan: StudentPlan, dataset: Dataset, teacher: Teacher
         )
     torch.manual_seed(cfg.seed)
     model = build_model(plan.model, dataset.num_classes, dataset.channels, dataset.image_size)
+    init = starts_from(cfg, plan)
+    if init == "generalist":
+        warm_start(model, cfg)
     distiller = Distiller(model, loss, teacher if getattr(loss, "needs_teacher", True) else None)
     train = cfg.student.train
     loader, augment = training_batches(dataset.train, cfg.data, train.batch_size, cfg.seed, device=device)
     result = fit(model, loader, dataset.val, train, out_dir,
                  objective=distiller.objective, seed=cfg.seed, desc=plan.name, device=device,
                  augment=augment, progress=progress,
-                 fingerprint=f"{plan}:{teacher_key or (teacher.key if teacher is not None else 'labels')}")
+                 fingerprint=f"{plan}:{teacher_key or (teacher.key if teacher is not None else 'labels')}"
+                             + ("" if init == "scratch" else f":init={init}"))
     return model, result
 
 
@@ -107,8 +128,9 @@ def _run_folder(plan: StudentPlan, teacher_key: str, cfg: Config, data_fingerpri
     not where it trains (train.workers), so a checkpoint resumes on another worker count."""
     schedule = cfg.student.train.model_dump(exclude=set(TRAIN_RUNTIME_KEYS))
     augment = [cfg.data.augment] + ([list(cfg.data.crop_scale)] if cfg.data.source in NATURAL_SOURCES else [])
+    init = starts_from(cfg, plan)
     key = digest_json([plan.model.model_dump(), plan.loss.model_dump(), schedule,
-                       teacher_key, cfg.seed, data_fingerprint, *augment])
+                       teacher_key, cfg.seed, data_fingerprint, *augment, *([init] if init != "scratch" else [])])
     return f"{plan.name}-{key}"
 
 
@@ -232,13 +254,13 @@ def train_and_save(cfg: Config, run: RunDir, plan: StudentPlan, dataset: Dataset
     metrics = {"val_acc": val["acc"], "test_acc": test["acc"], "test_loss": test["loss"],
                "best_epoch": result["best_epoch"], "epochs_run": result["epochs_run"],
                "train_seconds": result["train_seconds"], "images_per_s": result["images_per_s"]}
-    meta = model_meta(model, plan, dataset, metrics=metrics, teacher_key=key)
+    meta = model_meta(model, plan, dataset, metrics=metrics, teacher_key=key, init=starts_from(cfg, plan))
     save_classifier(run.student_weights if plan.name == "student" else run.student_baseline(plan.name), model, meta)
     if plan.name == "assistant":
         teachers.add_assistant(model, {"teacher": "assistant", "of": key, "run": folder,
                                        "top_k": cfg.student.cache_top_k})
     print(f"student: {plan.title}: val accuracy {val['acc']:.4f}, test accuracy {test['acc']:.4f}")
-    return {"title": plan.title, **{k: meta[k] for k in ("model", "teacher", "loss", "parameters", "macs")},
+    return {"title": plan.title, **{k: meta[k] for k in ("model", "teacher", "loss", "parameters", "macs", "init")},
             **metrics}
 
 

@@ -205,6 +205,7 @@ def test_teacher_with_another_class_count_is_one_clear_error(tmp_path):
     ("student.loss.alpha=1.5", "'student.loss.alpha': Input should be less than or equal to 1"),
     ("student.loss.temperature=0", "'student.loss.temperature': Input should be greater than 0"),
     ("student.teacher=oracle", "'student.teacher'"),
+    ("student.init=generalist", "student.model must be generalist.model"),
 ])
 def test_bad_student_config_is_one_line_exit_2(override, fragment, tmp_path, capsys):
     from student.train import main
@@ -363,6 +364,36 @@ def test_teacher_on_the_augmented_view_runs_the_ensemble_on_every_batch(tiny_run
     assert set(result["students"]) == {"student", "from-generalist"} and result["test_acc"] > 0.25
     with pytest.raises(SpecdistillError, match="teacher_view=cached"):
         live_teacher(cfg, "generalists", data, torch.device("cpu"))
+
+
+def test_a_student_started_from_the_generalist_begins_with_its_weights(tiny_run, monkeypatch):
+    """student.init=generalist: the student and its baselines start training from the generalist's weights
+    (the scratch student does not), record it, and keep their checkpoints apart from scratch runs."""
+    import student.train as student_train
+    from specdistill.models import load_classifier
+
+    tmp_path, data = tiny_run
+    same_net = {"name": "mlp", "hidden": [64]}
+    generalist, _ = load_classifier(RunDir.of(_cfg(tmp_path)).generalist_weights)
+    starts: dict[str, bool] = {}
+    real_fit = student_train.fit
+
+    def spy(model, *args, desc, **kwargs):
+        starts[desc] = all(torch.equal(a, b) for a, b in zip(model.state_dict().values(),
+                                                                generalist.state_dict().values()))
+        return real_fit(model, *args, desc=desc, **kwargs)
+
+    monkeypatch.setattr(student_train, "fit", spy)
+    folders = {}
+    for init in ("scratch", "generalist"):
+        cfg = _cfg(tmp_path, model=same_net, init=init, baselines=["hard"], train={"epochs": 1, "batch_size": 32})
+        result = student_train.run_student(cfg, progress=False, dataset=data)
+        assert starts == {"student": init == "generalist", "hard": init == "generalist"}, init
+        assert {s["init"] for s in result["students"].values()} == {init}
+        assert init in (cfg.run_path / "student" / "report.md").read_text()
+        folders[init] = {p.name for p in (cfg.run_path / "student" / "runs").iterdir()}
+        starts.clear()
+    assert len(folders["generalist"] - folders["scratch"]) == 2    # both students got new checkpoints
 
 
 def test_specdistill_student_command_reports_a_missing_upstream_stage(tmp_path, capsys):
