@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,37 +42,23 @@ from student.teachers import describe_teacher, ensure_generalists, live_teacher,
 
 @dataclass(frozen=True)
 class StudentPlan:
-    """One student to train: its architecture, loss and teacher (None = hard labels)."""
+    """One student to train: its architecture, loss, teacher (None = hard labels) and where its weights
+    start (``student.init``; left out of the repr, which keys checkpoints, so scratch runs keep theirs)."""
 
     name: str
     title: str
     model: ModelConfig
     loss: StudentLossConfig
     teacher: str | None
+    init: str = field(default="scratch", repr=False)
 
 
 BASELINES = ("hard", "from-generalist", "from-ensemble")
 
 
-def starts_from(cfg: Config, plan: StudentPlan) -> str:
-    """Where a planned network's weights start (``student.init``): the assistant, another network,
-    always from scratch."""
-    return "scratch" if plan.name == "assistant" else cfg.student.init
-
-
-def warm_start(model: Classifier, cfg: Config) -> None:
-    """Copy the run's generalist's weights into ``model`` (``student.init: generalist``)."""
-    path = RunDir.of(cfg).generalist_weights
-    generalist, _ = load_classifier(path)
-    try:
-        model.load_state_dict(generalist.state_dict())
-    except RuntimeError as exc:
-        raise SpecdistillError(f"student.init=generalist: {path} does not fit student.model "
-                               f"({str(exc).splitlines()[0]}); set student.init: scratch") from None
-
-
 def plan_students(cfg: Config) -> list[StudentPlan]:
-    """The main student, the assistant before it when configured, and the baselines (deduplicated)."""
+    """The main student, the assistant before it when configured, and the baselines (deduplicated); the
+    assistant, another network, always starts from scratch."""
     s = cfg.student
     hard = StudentLossConfig(name="hard")   # the hard-label baseline does not depend on T or alpha
     distil = s.loss if s.loss.name != "hard" else s.loss.model_copy(update={"name": "hinton"})
@@ -83,7 +69,8 @@ def plan_students(cfg: Config) -> list[StudentPlan]:
                                  s.loss, main_teacher))
         main_teacher = "assistant"
     title = "student" + (f" ({s.teacher} -> assistant -> student)" if main_teacher == "assistant" else "")
-    plans.append(StudentPlan("student", title, s.model, hard if s.loss.name == "hard" else s.loss, main_teacher))
+    plans.append(StudentPlan("student", title, s.model, hard if s.loss.name == "hard" else s.loss, main_teacher,
+                             s.init))
     wanted = s.baselines if isinstance(s.baselines, list) else BASELINES if s.baselines else []
     for name, title, loss, teacher in (("hard", "hard labels only", hard, None),
                                        ("from-generalist", "distilled from the generalist", distil, "generalist"),
@@ -91,7 +78,7 @@ def plan_students(cfg: Config) -> list[StudentPlan]:
         if name in wanted:
             same_as_main = (teacher == main_teacher and (teacher is None or loss == s.loss))
             if not same_as_main:
-                plans.append(StudentPlan(name, title, s.model, loss, teacher))
+                plans.append(StudentPlan(name, title, s.model, loss, teacher, s.init))
     return plans
 
 
@@ -107,10 +94,10 @@ def train_one(cfg: Config, plan: StudentPlan, dataset: Dataset, teacher: Teacher
             f"{dataset.num_classes}; delete {RunDir.of(cfg).teacher_caches} and rerun the student stage"
         )
     torch.manual_seed(cfg.seed)
-    model = build_model(plan.model, dataset.num_classes, dataset.channels, dataset.image_size)
-    init = starts_from(cfg, plan)
-    if init == "generalist":
-        warm_start(model, cfg)
+    if plan.init == "generalist":   # the config checks that student.model is the generalist's network
+        model = load_classifier(RunDir.of(cfg).generalist_weights)[0]
+    else:
+        model = build_model(plan.model, dataset.num_classes, dataset.channels, dataset.image_size)
     distiller = Distiller(model, loss, teacher if getattr(loss, "needs_teacher", True) else None)
     train = cfg.student.train
     loader, augment = training_batches(dataset.train, cfg.data, train.batch_size, cfg.seed, device=device)
@@ -118,7 +105,7 @@ def train_one(cfg: Config, plan: StudentPlan, dataset: Dataset, teacher: Teacher
                  objective=distiller.objective, seed=cfg.seed, desc=plan.name, device=device,
                  augment=augment, progress=progress,
                  fingerprint=f"{plan}:{teacher_key or (teacher.key if teacher is not None else 'labels')}"
-                             + ("" if init == "scratch" else f":init={init}"))
+                             + ("" if plan.init == "scratch" else f":init={plan.init}"))
     return model, result
 
 
@@ -128,9 +115,8 @@ def _run_folder(plan: StudentPlan, teacher_key: str, cfg: Config, data_fingerpri
     not where it trains (train.workers), so a checkpoint resumes on another worker count."""
     schedule = cfg.student.train.model_dump(exclude=set(TRAIN_RUNTIME_KEYS))
     augment = [cfg.data.augment] + ([list(cfg.data.crop_scale)] if cfg.data.source in NATURAL_SOURCES else [])
-    init = starts_from(cfg, plan)
-    key = digest_json([plan.model.model_dump(), plan.loss.model_dump(), schedule,
-                       teacher_key, cfg.seed, data_fingerprint, *augment, *([init] if init != "scratch" else [])])
+    key = digest_json([plan.model.model_dump(), plan.loss.model_dump(), schedule, teacher_key, cfg.seed,
+                       data_fingerprint, *augment, *([plan.init] if plan.init != "scratch" else [])])
     return f"{plan.name}-{key}"
 
 
@@ -254,7 +240,7 @@ def train_and_save(cfg: Config, run: RunDir, plan: StudentPlan, dataset: Dataset
     metrics = {"val_acc": val["acc"], "test_acc": test["acc"], "test_loss": test["loss"],
                "best_epoch": result["best_epoch"], "epochs_run": result["epochs_run"],
                "train_seconds": result["train_seconds"], "images_per_s": result["images_per_s"]}
-    meta = model_meta(model, plan, dataset, metrics=metrics, teacher_key=key, init=starts_from(cfg, plan))
+    meta = model_meta(model, plan, dataset, metrics=metrics, teacher_key=key, init=plan.init)
     save_classifier(run.student_weights if plan.name == "student" else run.student_baseline(plan.name), model, meta)
     if plan.name == "assistant":
         teachers.add_assistant(model, {"teacher": "assistant", "of": key, "run": folder,
