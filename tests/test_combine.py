@@ -56,18 +56,35 @@ def reference_objectives(gen, groups, specs, active) -> torch.Tensor:
 
 def class_em_step(lq, gen, groups, specs, active):
     """The EM update written over all K classes, straight from the derivation (a test oracle)."""
-    q, num = torch.exp(lq), torch.exp(gen).clone()
-    for m, group in enumerate(groups):
-        rows = active[:, m]
-        lp = torch.log_softmax(specs[m][rows], 1)
-        outside = torch.ones(gen.shape[1], dtype=torch.bool)
-        outside[group] = False
-        add = torch.zeros(int(rows.sum()), gen.shape[1], dtype=torch.float64)
-        add[:, group] = torch.exp(lp[:, :-1])
-        out_mass = (q[rows] * outside).sum(1, keepdim=True)
-        add += outside * q[rows] * torch.exp(lp[:, -1:]) / out_mass
-        num[rows] += add
+    return dense_em_step(lq, gen, dense_specialists(groups, specs, gen.shape[1]), active)
+
+
+def dense_em_step(lq, gen, dense, active):
+    """:func:`class_em_step` on the specialists laid out over all classes once (:func:`dense_specialists`):
+    each active specialist adds its group's probabilities and spreads its dustbin over the classes outside
+    its group in proportion to q; the sum is averaged with the generalist. Vectorised over specialists
+    ([B, M, K]), so thousands of steps over 70 specialists take a second."""
+    inside, outside, dustbin = dense
+    q = torch.exp(lq)
+    out_mass = (q[:, None, :] * outside).sum(2, keepdim=True)                   # [B, M, 1]
+    add = inside + outside * q[:, None, :] * dustbin / out_mass                  # [B, M, K]
+    num = torch.exp(gen) + (add * active[:, :, None]).sum(1)
     return torch.log(num / (1 + active.sum(1, keepdim=True)))
+
+
+def dense_specialists(groups, specs, num_classes):
+    """Each specialist over all classes: its group probabilities [B, M, K] (0 outside), the mask of
+    classes outside its group [M, K] and its dustbin probability [B, M, 1]."""
+    B, M = specs[0].shape[0], len(groups)
+    inside = torch.zeros(B, M, num_classes, dtype=torch.float64)
+    outside = torch.ones(M, num_classes, dtype=torch.float64)
+    dustbin = torch.zeros(B, M, 1, dtype=torch.float64)
+    for m, group in enumerate(groups):
+        p = torch.softmax(specs[m], 1)
+        inside[:, m, group] = p[:, :-1]
+        outside[m, group] = 0.0
+        dustbin[:, m, 0] = p[:, -1]
+    return inside, outside, dustbin
 
 
 # ----------------------------------------------------------------------------------------------
@@ -122,9 +139,9 @@ def test_cells_give_the_same_optimum_as_em_over_all_classes():
     """EM over every class (the derivation, written densely) and the cell solver agree."""
     gen, groups, specs = random_instance(11, 15, 4, 10, 2.0, group_size=6)
     active = active_specialists(gen, groups, 2)
-    lq = gen.clone()
+    lq, dense = gen.clone(), dense_specialists(groups, specs, gen.shape[1])
     for _ in range(3000):
-        lq = class_em_step(lq, gen, groups, specs, active)
+        lq = dense_em_step(lq, gen, dense, active)
     for solver in ("em", "fixed_point"):
         ours = kl_combine(gen, groups, specs, active=active, solver=solver, max_iter=3000, tol=1e-14)
         assert torch.allclose(torch.exp(ours), torch.exp(lq), atol=1e-9), solver
@@ -142,8 +159,9 @@ def test_more_active_specialists_than_one_mask_word():
     active[1, 3:40] = False           # a second set in the same batch
     active[2] = active[1]             # ... shared by two rows
     lq = gen.clone()
+    dense = dense_specialists(groups, specs, K)
     for _ in range(4000):
-        lq = class_em_step(lq, gen, groups, specs, active)
+        lq = dense_em_step(lq, gen, dense, active)
     ours = kl_combine(gen, groups, specs, active=active, max_iter=2000, tol=1e-14)
     assert torch.allclose(torch.exp(ours), torch.exp(lq), atol=1e-9)
     # the blocked passes over [B, K] rely on the atoms coming sorted by example, each example's
