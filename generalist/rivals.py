@@ -8,10 +8,14 @@ its checkpoint:
 
 * ``generalist-seed<s>/`` - the generalist recipe from another seed;
 * ``generalist-epochs<E>/`` - the generalist recipe (the run's own seed) trained for E epochs.
+
+A run whose config then asks for that recipe (``--set generalist.train.epochs=E``) adopts the rival as
+its generalist instead of training it again (:func:`adopt_longer`).
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,6 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from generalist.importing import imports
+from specdistill.artifacts import read_json
 from specdistill.config import Config, stage_hash
 from specdistill.data import Dataset
 from specdistill.errors import SpecdistillError
@@ -51,12 +57,12 @@ def _ensure(cfg: Config, variant: Config, folder: Path, dataset: Dataset, seed: 
         if run.done(folder.name).exists():   # finished for another config: start over
             shutil.rmtree(folder)
         train_generalist(variant, folder, seed=seed, dataset=dataset, progress=progress)
-        mark_done(run.root, folder.name, digest)
+        mark_done(run.root, folder.name, digest, epochs=variant.generalist.train.epochs)
     return folder
 
 
 def _require_recipe(cfg: Config, what: str) -> None:
-    if cfg.generalist.weights is not None or cfg.generalist.model.pretrained:
+    if imports(cfg):
         raise SpecdistillError(
             f"{what} trains further generalists with generalist.train, but this run imports its generalist "
             "(generalist.weights / model.pretrained), so there is no recipe to repeat; turn it off "
@@ -75,9 +81,57 @@ def ensure_longer_generalist(cfg: Config, dataset: Dataset, epochs: int, progres
     """The folder of the run's generalist recipe trained for ``epochs`` instead (same seed, the same
     schedule stretched over the longer run), training it when missing."""
     _require_recipe(cfg, "a generalist trained longer")
+    return _ensure(cfg, with_epochs(cfg, epochs), longer_dir(cfg, epochs), dataset, cfg.seed, progress)
+
+
+def with_epochs(cfg: Config, epochs: int) -> Config:
+    """``cfg`` with its generalist recipe trained for ``epochs`` (the schedule stretched to match)."""
     train = cfg.generalist.train.model_copy(update={"epochs": int(epochs)})
-    variant = cfg.model_copy(update={"generalist": cfg.generalist.model_copy(update={"train": train})})
-    return _ensure(cfg, variant, longer_dir(cfg, epochs), dataset, cfg.seed, progress)
+    return cfg.model_copy(update={"generalist": cfg.generalist.model_copy(update={"train": train})})
+
+
+def adopt_longer(cfg: Config) -> bool:
+    """Make a finished rival the run's generalist when it is exactly the recipe ``cfg`` asks for.
+
+    ``combine.rivals`` trains ``generalist-epochs<E>/``; a user who then sets
+    ``generalist.train.epochs=E`` would otherwise train the same network again. The generalist it
+    replaces becomes the rival for its own epoch count when it is the same recipe (else it is dropped, as
+    any generalist of another config is), so nothing trained for this recipe is lost. Each move is a
+    rename; ``done.json`` is rewritten after. True when a rival was adopted.
+    """
+    run = RunDir.of(cfg)
+    rival = run.root / f"generalist-epochs{cfg.generalist.train.epochs}"
+    if not imports(cfg) and is_done(run.root, rival.name, stage_hash(cfg, "generalist"), quiet=True):
+        replaced = _own_epochs(cfg, run)
+        if replaced is not None:
+            keep = run.root / f"generalist-epochs{replaced}"
+            shutil.rmtree(keep, ignore_errors=True)
+            os.replace(run.generalist, keep)
+            mark_done(run.root, keep.name, stage_hash(with_epochs(cfg, replaced), "generalist"), epochs=replaced)
+            print(f"generalist: the {replaced}-epoch generalist it replaces is kept as a rival in {keep}")
+        else:
+            shutil.rmtree(run.generalist, ignore_errors=True)
+        os.replace(rival, run.generalist)
+        print(f"generalist: this recipe was already trained as a rival in {rival} (combine.rivals): adopted, "
+              "not trained again")
+        return True
+    return False
+
+
+def _own_epochs(cfg: Config, run: RunDir) -> int | None:
+    """The epoch count of the run's finished generalist when it is ``cfg``'s recipe trained for that many
+    epochs (read from its done.json, or its meta for older runs without early stopping), else None."""
+    try:
+        done, meta = read_json(run.done("generalist")), read_json(run.generalist_meta)
+    except SpecdistillError:
+        return None
+    metrics = meta.get("metrics", {})
+    candidates = [done.get("epochs")] + ([metrics.get("epochs_run")] if not metrics.get("stopped_early") else [])
+    for epochs in candidates:
+        if isinstance(epochs, int) and epochs > 0 and epochs != cfg.generalist.train.epochs \
+                and stage_hash(with_epochs(cfg, epochs), "generalist") == done.get("config_hash"):
+            return epochs
+    return None
 
 
 def specialist_images(infos: Sequence[dict]) -> tuple[int, bool]:

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from generalist.importing import import_generalist, imports, library_net, weights_digest
+from generalist.rivals import adopt_longer
 from specdistill.artifacts import read_json, write_json, write_npy
 from specdistill.cli import config_from_args, prepare_run_dir, setup_environment, stage_parser
 from specdistill.config import Config, ModelConfig, stage_hash
@@ -132,16 +133,20 @@ def run_generalist(cfg: Config, force: bool = False, progress: bool = True) -> d
                   f"test accuracy {meta['metrics']['test_acc']:.4f}. Use --force to redo it.")
             return meta
         print(f"generalist: {cfg.generalist.weights} changed since it was imported; importing it again")
-    loaded = library_net(cfg) if importing else None   # bad weights stop before any image is read
-    dataset = load_data(cfg.data, cfg.seed)
-    stored_form(cfg, dataset)   # a dense request that would not fit stops here, before anything changes
-    if force or run.done("generalist").exists():  # a finished stage from another config: start over
-        shutil.rmtree(out, ignore_errors=True)
-    meta = (import_generalist(cfg, out, dataset, loaded) if importing
-            else train_generalist(cfg, out, dataset=dataset, progress=progress))
-    mark_done(run.root, "generalist", digest, test_acc=meta["metrics"]["test_acc"])
+    if not force and adopt_longer(cfg):   # this recipe was trained already, as combine.rivals' longer one
+        meta, how = read_json(run.generalist_meta), "adopted"
+    else:
+        loaded = library_net(cfg) if importing else None   # bad weights stop before any image is read
+        dataset = load_data(cfg.data, cfg.seed)
+        stored_form(cfg, dataset)   # a dense request that would not fit stops here, before anything changes
+        if force or run.done("generalist").exists():  # a finished stage from another config: start over
+            shutil.rmtree(out, ignore_errors=True)
+        meta = (import_generalist(cfg, out, dataset, loaded) if importing
+                else train_generalist(cfg, out, dataset=dataset, progress=progress))
+        how = f"imported {meta['model']['name']} from {meta['imported']['weights']}" if importing else "trained"
+    mark_done(run.root, "generalist", digest, test_acc=meta["metrics"]["test_acc"],
+              **({} if importing else {"epochs": cfg.generalist.train.epochs}))
     m = meta["metrics"]
-    how = f"imported {meta['model']['name']} from {meta['imported']['weights']}" if importing else "trained"
     print(f"generalist: {how}; {meta['num_classes']} classes, val accuracy {m['val_acc']:.4f}, "
           f"test accuracy {m['test_acc']:.4f} ({m['seconds']:.0f} s) -> {out}")
     return meta

@@ -759,25 +759,13 @@ def test_rivals_train_the_generalist_longer_and_from_another_seed(tmp_path, monk
     from specdistill import data as data_module
     from specdistill.artifacts import read_json, read_npy
     from specdistill.config import stage_hash, validate_config
-    from specdistill.data import Dataset, Split
     from specdistill.models import load_classifier, save_classifier
     from specdistill.provenance import mark_done
     from specialists.model import make_specialist
 
-    def blocks(n, seed):
-        rng = np.random.default_rng(seed)
-        labels = rng.integers(0, 6, n)
-        images = rng.random((n, 12, 12)) * 200
-        for i, y in enumerate(labels):
-            images[i, (y // 3) * 6:(y // 3) * 6 + 6, (y % 3) * 4:(y % 3) * 4 + 4] += 60
-        return Split(np.clip(images, 0, 255).astype(np.uint8), labels)
-
-    data = Dataset("blocks", [f"c{k}" for k in range(6)], blocks(200, 0), blocks(120, 1), blocks(120, 2))
+    data = blocks_dataset()
     monkeypatch.setattr(data_module, "load_data", lambda cfg, seed=0: data)
-    tree = {"run_dir": str(tmp_path / "run"), "device": "cpu", "data": {"augment": False},
-            "generalist": {"model": {"name": "mlp", "hidden": [16]},
-                           "train": {"epochs": 2, "batch_size": 50, "lr": 0.05, "amp": False}},
-            "combine": {"alternatives": False}}
+    tree = blocks_tree(tmp_path)
     cfg = validate_config(tree)
     run = RunDir.of(cfg)
     train_generalist(cfg, run.generalist, dataset=data, progress=False)
@@ -827,3 +815,72 @@ def test_rivals_train_the_generalist_longer_and_from_another_seed(tmp_path, monk
     imported = validate_config({**tree, "generalist": {**tree["generalist"], "weights": str(run.generalist_weights)}})
     with pytest.raises(SpecdistillError, match="no recipe to repeat"):
         ensure_longer_generalist(imported, data, 5)
+
+
+def blocks_dataset():
+    """Six classes, each a brighter block on noise: 200 training, 120 held-out, 120 test images."""
+    from specdistill.data import Dataset, Split
+
+    def blocks(n, seed):
+        rng = np.random.default_rng(seed)
+        labels = rng.integers(0, 6, n)
+        images = rng.random((n, 12, 12)) * 200
+        for i, y in enumerate(labels):
+            images[i, (y // 3) * 6:(y // 3) * 6 + 6, (y % 3) * 4:(y % 3) * 4 + 4] += 60
+        return Split(np.clip(images, 0, 255).astype(np.uint8), labels)
+
+    return Dataset("blocks", [f"c{k}" for k in range(6)], blocks(200, 0), blocks(120, 1), blocks(120, 2))
+
+
+def blocks_tree(tmp_path, epochs=2, lr=0.05):
+    return {"run_dir": str(tmp_path / "run"), "device": "cpu", "data": {"augment": False},
+            "generalist": {"model": {"name": "mlp", "hidden": [16]},
+                           "train": {"epochs": epochs, "batch_size": 50, "lr": lr, "amp": False}},
+            "combine": {"alternatives": False}}
+
+
+def test_a_config_asking_for_a_rivals_recipe_adopts_it_and_keeps_the_generalist_it_replaces(tmp_path, monkeypatch,
+                                                                                            capsys):
+    """combine.rivals trained generalist-epochs3/; a config with generalist.train.epochs=3 makes it the run's
+    generalist without training, and the 2-epoch generalist becomes generalist-epochs2/ (and back). A rival
+    of another recipe (another lr) is not adopted."""
+    import generalist.train as stage
+    from generalist.rivals import ensure_longer_generalist
+    from specdistill.config import stage_hash, validate_config
+    from specdistill.hashing import digest_file
+    from specdistill.provenance import is_done
+
+    data = blocks_dataset()
+    monkeypatch.setattr(stage, "load_data", lambda cfg, seed=0: data)
+    two, three = (validate_config(blocks_tree(tmp_path, epochs)) for epochs in (2, 3))
+    run = RunDir.of(two)
+    stage.run_generalist(two, progress=False)
+    ensure_longer_generalist(two, data, 3, progress=False)
+    weights = {e: digest_file(RunDir.weights_in(run.root / f"generalist-epochs{e}" if e == 3 else run.generalist))
+               for e in (2, 3)}
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained a generalist that was already trained")
+
+    monkeypatch.setattr(stage, "train_generalist", no_training)
+    capsys.readouterr()
+    meta = stage.run_generalist(three, progress=False)
+    out = capsys.readouterr().out
+    assert "already trained as a rival" in out and "adopted" in out and "kept as a rival" in out, out
+    assert digest_file(run.generalist_weights) == weights[3] and meta["metrics"]["epochs_run"] == 3
+    assert digest_file(RunDir.weights_in(run.root / "generalist-epochs2")) == weights[2]
+    assert is_done(run.root, "generalist", stage_hash(three, "generalist"))
+    assert is_done(run.root, "generalist-epochs2", stage_hash(two, "generalist"))
+    assert not (run.root / "generalist-epochs3").exists()
+    stage.run_generalist(two, progress=False)                 # and back: nothing trained either way
+    assert digest_file(run.generalist_weights) == weights[2]
+    assert is_done(run.root, "generalist-epochs3", stage_hash(three, "generalist"))
+
+    monkeypatch.undo()
+    monkeypatch.setattr(stage, "load_data", lambda cfg, seed=0: data)
+    capsys.readouterr()
+    other = validate_config(blocks_tree(tmp_path, epochs=3, lr=0.02))   # generalist-epochs3/ is not this recipe
+    stage.run_generalist(other, progress=False)
+    assert "adopted" not in capsys.readouterr().out
+    assert digest_file(run.generalist_weights) not in weights.values()
+    assert digest_file(RunDir.weights_in(run.root / "generalist-epochs3")) == weights[3]
