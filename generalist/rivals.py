@@ -9,8 +9,8 @@ its checkpoint:
 * ``generalist-seed<s>/`` - the generalist recipe from another seed;
 * ``generalist-epochs<E>/`` - the generalist recipe (the run's own seed) trained for E epochs.
 
-A run whose config then asks for that recipe (``--set generalist.train.epochs=E``) adopts the rival as
-its generalist instead of training it again (:func:`adopt_longer`).
+A run whose config then asks for that recipe (``--set generalist.train.epochs=E`` or ``--set seed=s``)
+adopts the rival as its generalist instead of training it again (:func:`adopt_rival`).
 """
 
 from __future__ import annotations
@@ -90,48 +90,55 @@ def with_epochs(cfg: Config, epochs: int) -> Config:
     return cfg.model_copy(update={"generalist": cfg.generalist.model_copy(update={"train": train})})
 
 
-def adopt_longer(cfg: Config) -> bool:
+def adopt_rival(cfg: Config) -> bool:
     """Make a finished rival the run's generalist when it is exactly the recipe ``cfg`` asks for.
 
-    ``combine.rivals`` trains ``generalist-epochs<E>/``; a user who then sets
-    ``generalist.train.epochs=E`` would otherwise train the same network again. The generalist it
-    replaces becomes the rival for its own epoch count when it is the same recipe (else it is dropped, as
-    any generalist of another config is), so nothing trained for this recipe is lost. Each move is a
-    rename; ``done.json`` is rewritten after. True when a rival was adopted.
+    ``combine.rivals`` trains ``generalist-epochs<E>/`` and ``generalist-seed<s>/``; a user who then sets
+    ``generalist.train.epochs=E`` or ``seed=s`` would otherwise train the same network again. The
+    generalist it replaces becomes the rival for its own epoch count or seed when it is the same recipe
+    otherwise (else it is dropped, as any generalist of another config is), so nothing trained for this
+    recipe is lost. Each move is a rename; ``done.json`` is rewritten after. True when one was adopted.
     """
     run = RunDir.of(cfg)
-    rival = run.root / f"generalist-epochs{cfg.generalist.train.epochs}"
-    if not imports(cfg) and is_done(run.root, rival.name, stage_hash(cfg, "generalist"), quiet=True):
-        replaced = _own_epochs(cfg, run)
-        if replaced is not None:
-            keep = run.root / f"generalist-epochs{replaced}"
-            shutil.rmtree(keep, ignore_errors=True)
-            os.replace(run.generalist, keep)
-            mark_done(run.root, keep.name, stage_hash(with_epochs(cfg, replaced), "generalist"), epochs=replaced)
-            print(f"generalist: the {replaced}-epoch generalist it replaces is kept as a rival in {keep}")
-        else:
-            shutil.rmtree(run.generalist, ignore_errors=True)
-        os.replace(rival, run.generalist)
-        print(f"generalist: this recipe was already trained as a rival in {rival} (combine.rivals): adopted, "
-              "not trained again")
-        return True
-    return False
+    digest = stage_hash(cfg, "generalist")
+    found = [folder for folder in (run.root / f"generalist-epochs{cfg.generalist.train.epochs}",
+                                   run.generalist_seed(cfg.seed))
+             if not imports(cfg) and is_done(run.root, folder.name, digest, quiet=True)]
+    if not found:
+        return False
+    replaced = _replaced_as_rival(cfg, run)
+    if replaced is not None:
+        keep, variant, what = replaced
+        shutil.rmtree(keep, ignore_errors=True)
+        os.replace(run.generalist, keep)
+        mark_done(run.root, keep.name, stage_hash(variant, "generalist"), epochs=variant.generalist.train.epochs)
+        print(f"generalist: the generalist it replaces ({what}) is kept as a rival in {keep}")
+    else:
+        shutil.rmtree(run.generalist, ignore_errors=True)
+    os.replace(found[0], run.generalist)
+    print(f"generalist: this recipe was already trained as a rival in {found[0]} (combine.rivals): adopted, "
+          "not trained again")
+    return True
 
 
-def _own_epochs(cfg: Config, run: RunDir) -> int | None:
-    """The epoch count of the run's finished generalist when it is ``cfg``'s recipe trained for that many
-    epochs (read from its done.json, or its meta for older runs without early stopping), else None."""
+def _replaced_as_rival(cfg: Config, run: RunDir) -> tuple[Path, Config, str] | None:
+    """Where the run's finished generalist goes when ``cfg`` differs from its recipe only in the epoch
+    count (``generalist-epochs<E>/``) or only in the seed (``generalist-seed<s>/``), with that recipe and
+    a few words; None when it is another recipe. The epochs come from its done.json, or its meta for
+    older runs without early stopping; the seed from its meta."""
     try:
         done, meta = read_json(run.done("generalist")), read_json(run.generalist_meta)
     except SpecdistillError:
         return None
     metrics = meta.get("metrics", {})
-    candidates = [done.get("epochs")] + ([metrics.get("epochs_run")] if not metrics.get("stopped_early") else [])
-    for epochs in candidates:
-        if isinstance(epochs, int) and epochs > 0 and epochs != cfg.generalist.train.epochs \
-                and stage_hash(with_epochs(cfg, epochs), "generalist") == done.get("config_hash"):
-            return epochs
-    return None
+    candidates: list[tuple[Path, Config, str]] = []
+    for epochs in [done.get("epochs")] + ([metrics.get("epochs_run")] if not metrics.get("stopped_early") else []):
+        if isinstance(epochs, int) and epochs > 0 and epochs != cfg.generalist.train.epochs:
+            candidates.append((run.root / f"generalist-epochs{epochs}", with_epochs(cfg, epochs), f"{epochs} epochs"))
+    seed = meta.get("seed")
+    if isinstance(seed, int) and seed != cfg.seed:
+        candidates.append((run.generalist_seed(seed), cfg.model_copy(update={"seed": seed}), f"seed {seed}"))
+    return next((c for c in candidates if stage_hash(c[1], "generalist") == done.get("config_hash")), None)
 
 
 def specialist_images(infos: Sequence[dict]) -> tuple[int, bool]:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from generalist.importing import import_generalist, imports, library_net, weights_digest
-from generalist.rivals import adopt_longer
+from generalist.rivals import adopt_rival
 from specdistill.artifacts import read_json, write_json, write_npy
 from specdistill.cli import config_from_args, prepare_run_dir, setup_environment, stage_parser
 from specdistill.config import Config, ModelConfig, stage_hash
@@ -133,7 +133,7 @@ def run_generalist(cfg: Config, force: bool = False, progress: bool = True) -> d
                   f"test accuracy {meta['metrics']['test_acc']:.4f}. Use --force to redo it.")
             return meta
         print(f"generalist: {cfg.generalist.weights} changed since it was imported; importing it again")
-    if not force and adopt_longer(cfg):   # this recipe was trained already, as combine.rivals' longer one
+    if not force and adopt_rival(cfg):   # this recipe was trained already, as one of combine.rivals
         meta, how = read_json(run.generalist_meta), "adopted"
     else:
         loaded = library_net(cfg) if importing else None   # bad weights stop before any image is read

@@ -842,10 +842,10 @@ def blocks_tree(tmp_path, epochs=2, lr=0.05):
 def test_a_config_asking_for_a_rivals_recipe_adopts_it_and_keeps_the_generalist_it_replaces(tmp_path, monkeypatch,
                                                                                             capsys):
     """combine.rivals trained generalist-epochs3/; a config with generalist.train.epochs=3 makes it the run's
-    generalist without training, and the 2-epoch generalist becomes generalist-epochs2/ (and back). A rival
-    of another recipe (another lr) is not adopted."""
+    generalist without training, and the 2-epoch generalist becomes generalist-epochs2/ (and back); the same
+    for seed=1 and generalist-seed1/. A rival of another recipe (another lr) is not adopted."""
     import generalist.train as stage
-    from generalist.rivals import ensure_longer_generalist
+    from generalist.rivals import ensure_generalists, ensure_longer_generalist
     from specdistill.config import stage_hash, validate_config
     from specdistill.hashing import digest_file
     from specdistill.provenance import is_done
@@ -856,8 +856,10 @@ def test_a_config_asking_for_a_rivals_recipe_adopts_it_and_keeps_the_generalist_
     run = RunDir.of(two)
     stage.run_generalist(two, progress=False)
     ensure_longer_generalist(two, data, 3, progress=False)
+    ensure_generalists(two, data, [1], progress=False)
     weights = {e: digest_file(RunDir.weights_in(run.root / f"generalist-epochs{e}" if e == 3 else run.generalist))
                for e in (2, 3)}
+    seed_one = digest_file(RunDir.weights_in(run.generalist_seed(1)))
 
     def no_training(*args, **kwargs):
         raise AssertionError("trained a generalist that was already trained")
@@ -875,6 +877,15 @@ def test_a_config_asking_for_a_rivals_recipe_adopts_it_and_keeps_the_generalist_
     stage.run_generalist(two, progress=False)                 # and back: nothing trained either way
     assert digest_file(run.generalist_weights) == weights[2]
     assert is_done(run.root, "generalist-epochs3", stage_hash(three, "generalist"))
+    capsys.readouterr()
+    one = validate_config({**blocks_tree(tmp_path), "seed": 1})
+    assert stage.run_generalist(one, progress=False)["seed"] == 1
+    assert "(seed 0) is kept as a rival" in capsys.readouterr().out
+    assert digest_file(run.generalist_weights) == seed_one
+    assert digest_file(RunDir.weights_in(run.generalist_seed(0))) == weights[2]
+    assert is_done(run.root, "generalist-seed0", stage_hash(two, "generalist"))
+    stage.run_generalist(two, progress=False)
+    assert digest_file(run.generalist_weights) == weights[2]
 
     monkeypatch.undo()
     monkeypatch.setattr(stage, "load_data", lambda cfg, seed=0: data)
