@@ -218,9 +218,10 @@ def loss_from_config(cfg: StudentLossConfig) -> nn.Module:
 
 @runtime_checkable
 class TeacherTargets(Protocol):
-    """Precomputed teacher targets: ``lookup(index)`` gives [B, K] log-probs for training examples."""
+    """Precomputed teacher targets: ``lookup(index, temperature)`` gives [B, K] log-probs for training
+    examples, made for a loss that divides them by ``temperature`` (a compact cache sets its tail so)."""
 
-    def lookup(self, index: torch.Tensor) -> torch.Tensor: ...
+    def lookup(self, index: torch.Tensor, temperature: float = 1.0) -> torch.Tensor: ...
 
 
 class Distiller(nn.Module):
@@ -261,7 +262,8 @@ class Distiller(nn.Module):
         if index is None:
             raise SpecdistillError("cached teacher targets need the examples' indices; "
                                    "the training loop must pass `index`")
-        return self.teacher.lookup(index.cpu()).to(images.device)
+        temperature = getattr(self.loss, "temperature", 1.0)   # the T the loss divides the targets by
+        return self.teacher.lookup(index.cpu(), temperature).to(images.device)
 
     def compute(self, student: nn.Module, images: torch.Tensor, labels: torch.Tensor,
                 index: torch.Tensor | None) -> tuple[torch.Tensor, LossTerms]:

@@ -195,7 +195,7 @@ class _TableTeacher:
     def __init__(self, table: torch.Tensor) -> None:
         self.table = table
 
-    def lookup(self, index: torch.Tensor) -> torch.Tensor:
+    def lookup(self, index: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
         return self.table[index]
 
 

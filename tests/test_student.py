@@ -38,8 +38,9 @@ def _random_log_probs(n: int, k: int, seed: int = 0, scale: float = 3.0) -> torc
 
 def test_compress_keeps_top_k_and_the_exact_tail_mass():
     log_q = _random_log_probs(50, 40)
-    top, idx, residual = compress(log_q, 5)
+    top, idx, residual, classes = compress(log_q, 5)
     assert top.dtype == np.float16 and idx.dtype == np.int32 and residual.dtype == np.float32
+    assert classes.dtype == np.float32 and np.all((classes >= 1) & (classes <= 35))
     q = log_q.exp().numpy()
     expected_idx = np.argsort(-q, axis=1)[:, :5]
     assert np.array_equal(np.sort(idx, 1), np.sort(expected_idx, 1))
@@ -47,8 +48,9 @@ def test_compress_keeps_top_k_and_the_exact_tail_mass():
     assert np.allclose(residual, tail, rtol=1e-4, atol=1e-7)
     # a row whose top-k holds nearly everything: the tail is tiny but not cancelled to zero
     peaked = torch.log_softmax(torch.tensor([[30.0, 0.0, 0.0, 0.0]]), dim=1)
-    _, _, res = compress(peaked, 1)
+    _, _, res, even = compress(peaked, 1)
     assert res[0] == pytest.approx(3 * np.exp(-30.0), rel=1e-3)
+    assert even[0] == pytest.approx(3.0, rel=1e-4)   # an even tail over 3 classes: 3 effective classes
 
 
 def test_cache_round_trip(tmp_path):
@@ -421,6 +423,26 @@ def test_a_combine_result_that_is_not_one_stops_before_training(tiny_run):
     with pytest.raises(SpecdistillError, match=r"eval.json is not a combine result.*--from combine"):
         run_student(cfg, progress=False, dataset=data)
     assert not (cfg.run_path / "student" / "runs").exists()    # nothing trained
+
+
+def test_the_tail_keeps_its_tempered_mass_when_few_of_many_classes_hold_it():
+    """A tail held by 3 of 99 classes must not be tempered as if it were spread over all 99: the
+    tempered targets the loss reads (lookup at T, then / T) put on the tail what the teacher's own
+    tempered distribution puts there, not the far larger share of an even split."""
+    from student.cache import tempered_tail_share
+
+    q = torch.full((2, 100), 1e-20)
+    q[:, 0], q[:, 1:4] = 0.7, 0.1
+    log_q = torch.log(q / q.sum(1, keepdim=True))
+    cache = TeacherCache(*compress(log_q, 1), num_classes=100, key="k")
+    assert cache.tail_classes[0] == pytest.approx(3.0, rel=1e-3)
+    for temperature in (1.0, 2.0, 4.0):
+        truth = torch.softmax(log_q / temperature, dim=1)[:, 1:].sum(1).mean()
+        assert tempered_tail_share(cache, temperature) == pytest.approx(float(truth), abs=2e-3)
+        tempered = torch.softmax(cache.lookup(torch.arange(2), temperature) / temperature, dim=1)
+        assert tempered[0, 0] == pytest.approx(float(torch.softmax(log_q[0] / temperature, 0)[0]), abs=2e-3)
+    even_split = (99 * (0.3 / 99) ** 0.5) / (0.7 ** 0.5 + 99 * (0.3 / 99) ** 0.5)   # what it was before
+    assert tempered_tail_share(cache, 2.0) < even_split - 0.3
 
 
 def test_tempered_tail_share_by_hand():
