@@ -152,14 +152,13 @@ def compress(log_probs: torch.Tensor, top_k: int) -> tuple[np.ndarray, np.ndarra
         # the tail's mass from its own logsumexp: 1 - sum(top) would cancel to 0 when the top k hold
         # nearly everything
         log_residual = torch.logsumexp(masked, dim=1, keepdim=True)
-        tail = torch.softmax(masked, dim=1)   # the tail alone, renormalised (-inf rows give nan: no tail)
-        entropy = -(tail * torch.log_softmax(masked, dim=1)).nan_to_num(0.0).sum(1)
+        log_tail = masked - log_residual   # the tail alone, renormalised (0 * -inf terms are nan: dropped)
+        entropy = -(log_tail.exp() * log_tail).nan_to_num(0.0).sum(1)
         residual, classes = log_residual.squeeze(1).exp(), entropy.exp().clamp(1.0, log_probs.shape[1] - k)
     else:
         residual, classes = torch.zeros(len(top)), torch.ones(len(top))
     return (top.clamp_min(_FLOOR).to(torch.float16).numpy(), idx.to(torch.int32).numpy(),
-            torch.nan_to_num(residual, nan=0.0).numpy().astype(np.float32),
-            torch.nan_to_num(classes, nan=1.0).numpy().astype(np.float32))
+            torch.nan_to_num(residual, nan=0.0).numpy().astype(np.float32), classes.numpy().astype(np.float32))
 
 
 def tempered_tail_share(cache: TeacherCache, temperature: float, sample: int = 2048) -> float:
