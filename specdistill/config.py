@@ -89,6 +89,15 @@ class ModelConfig(_Section):
     mean: list[float] | None = None
     std: list[PositiveFloat] | None = None
 
+    def grows_from(self, other: ModelConfig) -> bool:
+        """Whether ``other``'s weights fit in this network (``models.widen_from``): the same network, or a
+        registered one (``resnet_cifar``, ``mlp``) differing only in larger widths."""
+        if self == other:
+            return True
+        same = self.model_dump(exclude={"width", "hidden"}) == other.model_dump(exclude={"width", "hidden"})
+        return (same and self.name in ("resnet_cifar", "mlp") and self.width >= other.width
+                and len(self.hidden) == len(other.hidden) and all(a >= b for a, b in zip(self.hidden, other.hidden)))
+
 
 class TrainConfig(_Section):
     epochs: int = Field(10, ge=1, le=10_000)
@@ -293,9 +302,10 @@ class Config(_Section):
         if self.clustering.size is not None and self.clustering.size < self.clustering.min_size:
             raise ValueError(f"clustering.size ({self.clustering.size}) is below clustering.min_size "
                              f"({self.clustering.min_size}); raise clustering.size or lower clustering.min_size")
-        if self.student.init == "generalist" and self.student.model != self.generalist.model:
+        if self.student.init == "generalist" and not self.student.model.grows_from(self.generalist.model):
             raise ValueError("student.init=generalist starts the student from the generalist's weights, so "
-                             "student.model must be generalist.model; copy generalist.model into student.model "
+                             "student.model must be generalist.model or the same network made wider (a larger "
+                             "width, or larger hidden sizes); copy generalist.model into student.model "
                              "or set student.init: scratch")
         if self.specialists.train.workers != 1:
             raise ValueError(f"specialists.train.workers={self.specialists.train.workers}: each specialist is one "

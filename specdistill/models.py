@@ -190,6 +190,38 @@ def count_flops(model: nn.Module, in_channels: int, image_size: int) -> int:
     return int(counter.get_total_flops() // 2)
 
 
+def widen_from(model: Classifier, state: dict[str, torch.Tensor]) -> Classifier:
+    """Load a narrower network of the same family into ``model`` so it computes the same function.
+
+    Every tensor of ``state`` fills the leading corner of ``model``'s tensor of the same name; the extra
+    channels keep ``model``'s fresh initialisation, except that the weights from a new input channel into
+    an old output (and into the head) are zero, so the old channels never see the new ones until training
+    moves those weights. Batch-norm channels beyond the old ones keep their identity statistics. This is
+    Net2Net's function-preserving widening (Chen et al. 2016) with zeros where Net2Net copies units: a
+    wider student starts at the generalist's accuracy and learns what the extra channels can add.
+    """
+    target = model.state_dict()
+    if set(target) != set(state):
+        raise SpecdistillError("the generalist's network and the student's differ in their layers, not only in "
+                               "width; give student.model the generalist's name and depth")
+    grown: dict[str, torch.Tensor] = {}
+    for key, small in state.items():
+        big = target[key].clone()
+        if small.shape == big.shape:
+            grown[key] = small.clone()
+            continue
+        fits = small.dim() == big.dim() and small.shape[2:] == big.shape[2:]
+        if not fits or any(s > b for s, b in zip(small.shape, big.shape)):
+            raise SpecdistillError(f"{key}: the generalist's {tuple(small.shape)} does not fit in the student's "
+                                   f"{tuple(big.shape)}; the student must be the generalist's network or a wider one")
+        if small.dim() >= 2:        # [out, in, ...]: old outputs ignore the new inputs
+            big[: small.shape[0], small.shape[1]:] = 0
+        big[tuple(slice(0, n) for n in small.shape)] = small
+        grown[key] = big
+    model.load_state_dict(grown)
+    return model
+
+
 def save_classifier(path: str | os.PathLike, model: Classifier, meta: dict[str, Any]) -> None:
     """Weights as safetensors; ``meta`` must hold what :func:`load_classifier` needs to rebuild
     the architecture: ``model`` (a ModelConfig dump), ``num_classes``, ``channels``, ``image_size``."""

@@ -31,7 +31,7 @@ from specdistill.engine import evaluate, fit, resolve_device
 from specdistill.errors import SpecdistillError, exit_on_error
 from specdistill.hashing import digest_json
 from specdistill.kd import Distiller, loss_from_config
-from specdistill.models import Classifier, build_model, count_flops, load_classifier, save_classifier
+from specdistill.models import Classifier, build_model, count_flops, load_classifier, save_classifier, widen_from
 from specdistill.provenance import is_done, mark_done, require_done
 from specdistill.records import CombineResult
 from specdistill.rundir import RunDir
@@ -94,10 +94,9 @@ def train_one(cfg: Config, plan: StudentPlan, dataset: Dataset, teacher: Teacher
             f"{dataset.num_classes}; delete {RunDir.of(cfg).teacher_caches} and rerun the student stage"
         )
     torch.manual_seed(cfg.seed)
-    if plan.init == "generalist":   # the config checks that student.model is the generalist's network
-        model = load_classifier(RunDir.of(cfg).generalist_weights)[0]
-    else:
-        model = build_model(plan.model, dataset.num_classes, dataset.channels, dataset.image_size)
+    model = build_model(plan.model, dataset.num_classes, dataset.channels, dataset.image_size)
+    if plan.init == "generalist":   # the config checks that student.model is the generalist's network or wider
+        widen_from(model, load_classifier(RunDir.of(cfg).generalist_weights)[0].state_dict())
     distiller = Distiller(model, loss, teacher if getattr(loss, "needs_teacher", True) else None)
     train = cfg.student.train
     loader, augment = training_batches(dataset.train, cfg.data, train.batch_size, cfg.seed, device=device)

@@ -3,7 +3,7 @@ import torch
 
 from specdistill.config import ModelConfig
 from specdistill.errors import SpecdistillError
-from specdistill.models import MODELS, build_model, count_flops, load_classifier, save_classifier
+from specdistill.models import MODELS, build_model, count_flops, load_classifier, save_classifier, widen_from
 
 
 @pytest.mark.parametrize("name, channels, size", [
@@ -49,3 +49,40 @@ def test_save_load_round_trip_and_truncated_file(tmp_path):
         load_classifier(tmp_path / "bad.safetensors")
     with pytest.raises(SpecdistillError, match="missing weights"):
         load_classifier(tmp_path / "none.safetensors")
+
+
+@pytest.mark.parametrize("small_cfg, big_cfg", [
+    (ModelConfig(depth=8, width=4), ModelConfig(depth=8, width=6)),
+    (ModelConfig(name="mlp", hidden=[24, 16]), ModelConfig(name="mlp", hidden=[40, 32])),
+])
+def test_a_wider_network_starts_as_the_narrow_one_and_learns_with_its_new_channels(small_cfg, big_cfg):
+    """widen_from: the wider net computes the narrow one's function exactly (train-mode batch statistics
+    included), is not just the narrow one padded with dead units (one step moves the head's new columns),
+    and is a different function once trained."""
+    assert big_cfg.grows_from(small_cfg) and not small_cfg.grows_from(big_cfg)
+    torch.manual_seed(0)
+    small, big = build_model(small_cfg, 9, 1, 12), build_model(big_cfg, 9, 1, 12)
+    x, y = torch.randn(32, 1, 12, 12), torch.randint(0, 9, (32,))
+    with torch.no_grad():       # running statistics away from their initial values
+        small.train()(x * 2 + 1)
+    widen_from(big, small.state_dict())
+    for mode in ("eval", "train"):
+        getattr(small, mode)(), getattr(big, mode)()
+        assert torch.allclose(big(x), small(x), atol=1e-6), mode
+    old = small.head.in_features
+    assert big.head.in_features > old and not big.head.weight[:, old:].any()
+    torch.nn.functional.cross_entropy(big.train()(x), y).backward()
+    assert big.head.weight.grad[:, old:].abs().sum() > 0
+    with torch.no_grad():
+        big.head.weight[:, old:] += 0.5
+    assert not torch.allclose(big.eval()(x), small.eval()(x), atol=1e-3)
+
+
+def test_widening_refuses_another_network_in_one_line():
+    small = build_model(ModelConfig(depth=8, width=8), 5, 1, 16)
+    with pytest.raises(SpecdistillError, match="differ in their layers"):
+        widen_from(build_model(ModelConfig(depth=14, width=8), 5, 1, 16), small.state_dict())
+    with pytest.raises(SpecdistillError, match="does not fit in the student's"):
+        widen_from(build_model(ModelConfig(depth=8, width=4), 5, 1, 16), small.state_dict())
+    assert not ModelConfig(depth=14, width=16).grows_from(ModelConfig(depth=8, width=8))
+    assert not ModelConfig(name="resnet18", width=32).grows_from(ModelConfig(name="resnet18", width=16))

@@ -12,11 +12,11 @@ from pydantic import ValidationError
 from specdistill.artifacts import read_json
 from specdistill.config import Config, ModelConfig, StudentLossConfig, TrainConfig, load_config, stage_hash
 from specdistill.data import Dataset, Split
-from specdistill.data.loading import train_loader
+from specdistill.data.loading import to_float, train_loader
 from specdistill.engine import evaluate, fit
 from specdistill.errors import SpecdistillError
 from specdistill.kd import Distiller, build_loss
-from specdistill.models import build_model
+from specdistill.models import build_model, count_flops
 from specdistill.provenance import mark_done
 from specdistill.records import CombineResult, SpecialistInfo, SplitEvaluation
 from specdistill.rundir import RunDir
@@ -396,6 +396,34 @@ def test_a_student_started_from_the_generalist_begins_with_its_weights(tiny_run,
         folders[init] = {p.name for p in (cfg.run_path / "student" / "runs").iterdir()}
         starts.clear()
     assert len(folders["generalist"] - folders["scratch"]) == 2    # both students got new checkpoints
+
+
+def test_a_wider_student_started_from_the_generalist_begins_with_its_predictions(tiny_run, monkeypatch):
+    """student.init=generalist with a wider student.model: the generalist's weights are widened into it
+    (models.widen_from), so training starts from the generalist's predictions on held-out images; the
+    recorded compute is the wider net's, and a narrower student is refused when the config is read."""
+    import student.train as student_train
+    from specdistill.models import load_classifier
+
+    tmp_path, data = tiny_run
+    generalist, _ = load_classifier(RunDir.of(_cfg(tmp_path)).generalist_weights)
+    images = to_float(torch.as_tensor(data.val.images[:64]))
+    starts: dict[str, float] = {}
+    real_fit = student_train.fit
+
+    def spy(model, *args, desc, **kwargs):
+        with torch.no_grad():
+            starts[desc] = (model.eval()(images) - generalist(images)).abs().max().item()
+        return real_fit(model, *args, desc=desc, **kwargs)
+
+    monkeypatch.setattr(student_train, "fit", spy)
+    cfg = _cfg(tmp_path, model={"name": "mlp", "hidden": [96]}, init="generalist", baselines=["hard"],
+               train={"epochs": 1, "batch_size": 32})
+    result = student_train.run_student(cfg, progress=False, dataset=data)
+    assert set(starts) == {"student", "hard"} and max(starts.values()) < 1e-5, starts
+    assert result["students"]["student"]["macs"] > 1.4 * count_flops(generalist, data.channels, data.image_size)
+    with pytest.raises(SpecdistillError, match="or the same network made wider"):
+        _cfg(tmp_path, model={"name": "mlp", "hidden": [32]}, init="generalist")
 
 
 def test_specdistill_student_command_reports_a_missing_upstream_stage(tmp_path, capsys):
