@@ -11,6 +11,8 @@ generalist but did not turn it into a gain, so it is off by default.
 
 ``combine.calibrate=true`` fits the temperatures in the combine stage, writes
 ``combine/calibration.json`` and applies them there and in the student's ensemble teacher.
+``combine.calibrate_ensemble=true`` adds one more, ``ensemble``, on the combined distribution: fitted
+last, on the held-out split, by the same NLL grid (:func:`fit_temperature`).
 """
 
 from __future__ import annotations
@@ -34,11 +36,13 @@ GRID = torch.logspace(np.log10(0.25), np.log10(8.0), 97)
 
 @dataclass
 class Calibration:
-    """One temperature per model (1.0 = as trained), fitted on ``split`` (always the held-out one)."""
+    """One temperature per model (1.0 = as trained) and one on their combination (``ensemble``), fitted
+    on ``split`` (always the held-out one)."""
 
     generalist: float
     specialists: list[float]
     split: str = "val"
+    ensemble: float = 1.0
 
     @classmethod
     def identity(cls, num_specialists: int) -> Calibration:
@@ -56,7 +60,8 @@ class Calibration:
             count = len(found) if isinstance(found, list) else 0
             raise SpecdistillError(f"{path} holds {count} specialist temperatures for {num_specialists} "
                                    "specialists; rerun the combine stage (specdistill run CONFIG --from combine)")
-        return cls(float(raw.get("generalist", 1.0)), [float(t) for t in found], str(raw.get("split", "val")))
+        return cls(float(raw.get("generalist", 1.0)), [float(t) for t in found], str(raw.get("split", "val")),
+                   float(raw.get("ensemble", 1.0)))
 
 
 def temperature_nll_sums(log_probs: torch.Tensor, labels: torch.Tensor | np.ndarray) -> torch.Tensor:

@@ -111,12 +111,14 @@ class Ensemble:
     # ---- the combination
     def combine(self, gen_log_probs: torch.Tensor, outputs: Sequence[torch.Tensor], rule: CombineConfig,
                 active: torch.Tensor | None = None) -> torch.Tensor:
-        """The KL combiner over given model outputs (on the ensemble's device), log q as float on the CPU;
-        ``active`` defaults to :meth:`active` (the top-n rule and the gate)."""
+        """The KL combiner over given model outputs (on the ensemble's device), log q as float on the CPU,
+        at the held-out temperature of the combination; ``active`` defaults to :meth:`active` (the top-n
+        rule and the gate)."""
         active = self.active(gen_log_probs, rule.top_n) if active is None else active
-        return kl_combine(gen_log_probs.to(self.device), [g.to(self.device) for g in self.groups],
-                          [o.to(self.device) for o in outputs], solver=rule.solver, max_iter=rule.max_iter,
-                          tol=rule.tol, active=active.to(self.device), weights=self.gate.weights).float().cpu()
+        log_q = kl_combine(gen_log_probs.to(self.device), [g.to(self.device) for g in self.groups],
+                           [o.to(self.device) for o in outputs], solver=rule.solver, max_iter=rule.max_iter,
+                           tol=rule.tol, active=active.to(self.device), weights=self.gate.weights).float().cpu()
+        return apply_temperature(log_q, self.calibration.ensemble)
 
     def log_probs(self, images: np.ndarray | torch.Tensor, rule: CombineConfig) -> torch.Tensor:
         """[B, K] log q of the ensemble (on the CPU) for uint8 images or a normalised float batch (the

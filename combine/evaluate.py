@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any
 
 import numpy as np
@@ -19,7 +19,14 @@ import torch
 
 from combine.activation import coverage
 from combine.baselines import average_of_distributions, product_of_experts
-from combine.calibration import Calibration, fit_calibration
+from combine.calibration import (
+    GRID,
+    Calibration,
+    apply_temperature,
+    best_temperature,
+    fit_calibration,
+    temperature_nll_sums,
+)
 from combine.diagnose import causes_by_coverage, change_causes
 from combine.ensemble import Ensemble
 from combine.gating import Gate, fit_gate, fit_weights
@@ -96,6 +103,7 @@ def evaluate_outputs(outputs: SplitOutputs, rule: CombineConfig, num_core: Seque
             systems[f"kl_top{n}"] = lq
             if n == rule.top_n:
                 main_active, main_iterations, main_rule_active = active, info["iterations"], rule_active
+                systems[main] = apply_temperature(lq, outputs.calibration.ensemble)   # identity unless fitted
         if gated:   # what the gate changed, on the same examples
             systems[f"{main}_ungated"] = kl_combine(chunk.gen, groups, chunk.specs, solver=rule.solver,
                                                     max_iter=rule.max_iter, tol=rule.tol, active=main_rule_active)
@@ -199,6 +207,14 @@ def run_combine(cfg: Config, force: bool = False) -> CombineResult:
         ensemble.gate = fit_gate(cfg.combine.gate, outputs["val"], cfg.combine)
     if cfg.combine.weighting == "fitted":   # per-specialist weights, held-out data too, within the gate
         ensemble.gate = fit_weights(outputs["val"], cfg.combine, ensemble.gate)
+    if cfg.combine.calibrate_ensemble:   # last: the temperature of the combination as configured above
+        if ensemble.calibration.split == "none":
+            ensemble.calibration = replace(ensemble.calibration, split="val")
+        ensemble.calibration.ensemble = fit_ensemble_temperature(outputs["val"], cfg.combine, ensemble.gate)
+        print(f"combine: temperature of the combined distribution on held-out data: "
+              f"{ensemble.calibration.ensemble:.2f}")
+        for split_outputs in outputs.values():
+            split_outputs.calibration = ensemble.calibration
     main, evaluations = ensemble_system(cfg.combine), {}
     run.done("combine").unlink(missing_ok=True)   # files are rewritten from here on: done only at the end
     for split, split_outputs in outputs.items():   # dense where small, else each row's top-k (specdistill.predictions)
@@ -252,6 +268,19 @@ def calibrate(val: SplitOutputs, rule: CombineConfig) -> Calibration:
     print(f"combine: temperatures on held-out data: generalist {calibration.generalist:.2f}, specialists "
           f"median {np.median(taus):.2f} (range {taus.min():.2f}-{taus.max():.2f})")
     return calibration
+
+
+def fit_ensemble_temperature(val: SplitOutputs, rule: CombineConfig, gate: Gate) -> float:
+    """The temperature of the combined distribution (the configured top-n, gate and weights) with the least
+    held-out NLL, from :data:`combine.calibration.GRID`; a chunk of rows at a time."""
+    sums = torch.zeros(len(GRID), dtype=torch.float64)
+    for chunk in val.chunks("temperature of the combination, held-out"):
+        active = chunk.active(val.membership, rule.top_n)
+        active = active if gate.is_open else gate.apply(active, chunk.gen)
+        log_q = kl_combine(chunk.gen, val.groups, chunk.specs, solver=rule.solver, max_iter=rule.max_iter,
+                           tol=rule.tol, active=active, weights=None if gate.is_open else gate.weights)
+        sums += temperature_nll_sums(log_q, chunk.labels)
+    return best_temperature(sums, len(val))
 
 
 def write_combine(run: RunDir, result: CombineResult, ensemble: Ensemble) -> None:

@@ -100,7 +100,7 @@ def loaded_ensemble(cfg: Config, dataset: Dataset, device: torch.device, batch_s
     require_done(run.root, "combine", stage_hash(cfg, "combine"))
     ensemble = Ensemble.load(run, device, batch_size)
     check_class_count(ensemble.num_classes, dataset, "generalist")
-    if cfg.combine.calibrate:
+    if cfg.combine.calibrate or cfg.combine.calibrate_ensemble:
         ensemble.calibration = Calibration.read(run.calibration, len(ensemble))
     if cfg.combine.gate != "none" or cfg.combine.weighting != "equal":
         ensemble.gate = Gate.read(run.gating, len(ensemble))

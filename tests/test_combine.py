@@ -571,14 +571,26 @@ def test_run_combine_writes_the_run_directory(tmp_path, monkeypatch):
     expected = kl_combine(apply_temperature(gen_lp, cal["generalist"]), [torch.tensor(g) for g in groups],
                           [apply_temperature(lp, t) for lp, t in zip(spec_lp, cal["specialists"])])
     assert torch.allclose(torch.as_tensor(read_npy(out / "preds-test.npy")), expected, atol=1e-5)
+    # and the combination's own temperature, fitted last on held-out NLL: same predictions, other confidences,
+    # and the student's ensemble teacher gives the same tempered targets
+    from student.teachers import ensemble_teacher
+
+    main(["--run-dir", str(run), "--force", "--set", "combine.calibrate=true",
+          "--set", "combine.calibrate_ensemble=true"])
+    tau = json.loads((out / "calibration.json").read_text())["ensemble"]
+    assert tau == fit_temperature(expected, test.labels) and tau != 1.0
+    tempered = torch.as_tensor(read_npy(out / "preds-test.npy"))
+    assert torch.allclose(tempered, apply_temperature(expected, tau), atol=1e-5)
+    assert torch.equal(tempered.argmax(1), expected.argmax(1))
+    teacher = ensemble_teacher(Config(run_dir=str(run), combine={"calibrate": True, "calibrate_ensemble": True}),
+                               dataset, torch.device("cpu"))
+    assert torch.allclose(teacher(test.images), tempered, atol=1e-5)
     # gated: the gate is fitted on the held-out split, recorded, applied to test; off again, it is removed
     main(["--run-dir", str(run), "--force", "--set", "combine.gate=both"])
     gated = CombineResult.read(out / "eval.json")
     assert gated.gate["kind"] == "both" and (out / "gating.json").exists()
     assert "kl_top1_ungated" in gated.split("test").systems and "Gate `both`" in (out / "report.md").read_text()
     # the student's ensemble teacher is the same gated ensemble: its targets are combine's predictions
-    from student.teachers import ensemble_teacher
-
     teacher = ensemble_teacher(Config(run_dir=str(run), combine={"gate": "both"}), dataset, torch.device("cpu"))
     assert torch.allclose(teacher(test.images), torch.as_tensor(read_npy(out / "preds-test.npy")), atol=1e-5)
     main(["--run-dir", str(run), "--force"])
