@@ -98,8 +98,11 @@ def predict_logits(model: nn.Module, images: np.ndarray | torch.Tensor, batch_si
     batch at a time (the next one read ahead while the model runs), never whole. A floating-point
     tensor is taken as already normalised ``[B, C, H, W]`` (e.g. the student's augmented batch).
     """
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    model = model.to(device).eval()
+    first = next(model.parameters(), None)
+    device = torch.device(device) if device is not None else first.device if first is not None else torch.device("cpu")
+    if first is None or first.device != device:   # moving costs a walk over every tensor, even when in place
+        model = model.to(device)
+    model.eval()
     normalised = isinstance(images, torch.Tensor) and images.is_floating_point()
     out = []
     for start in tqdm(range(0, len(images), batch_size), desc="predict", disable=not progress, leave=False):
