@@ -80,9 +80,8 @@ def evaluate_outputs(outputs: SplitOutputs, rule: CombineConfig, num_core: Seque
     ensemble is reported beside it. ``on_chunk(chunk, systems)`` sees every chunk's [rows, K]
     log-probabilities of every system (to store the ensemble's, say); ``desc`` names a progress bar.
     """
-    groups, K, membership = outputs.groups, outputs.num_classes, outputs.membership
+    groups, K = outputs.groups, outputs.num_classes
     gated = gate is not None and not gate.is_open
-    weights = gate.weights if gated else None
     top_ns = compared_top_n(rule)
     main = ensemble_system(rule)
     specialist_classes = torch.unique(torch.cat(groups)) if groups else torch.zeros(0, dtype=torch.int64)
@@ -95,10 +94,7 @@ def evaluate_outputs(outputs: SplitOutputs, rule: CombineConfig, num_core: Seque
         systems = {"generalist": chunk.gen}
         for n in top_ns:
             began = time.perf_counter()
-            rule_active = chunk.active(membership, n)
-            active = gate.apply(rule_active, chunk.gen) if gated else rule_active
-            lq, info = kl_combine(chunk.gen, groups, chunk.specs, solver=rule.solver, max_iter=rule.max_iter,
-                                  tol=rule.tol, active=active, return_info=True, weights=weights)
+            lq, active, rule_active, info = combine_chunk(chunk, outputs, rule, n, gate)
             timings[f"kl_top{n}_s"] += time.perf_counter() - began
             systems[f"kl_top{n}"] = lq
             if n == rule.top_n:
@@ -142,6 +138,18 @@ def evaluate_outputs(outputs: SplitOutputs, rule: CombineConfig, num_core: Seque
         },
         timings=timings,
     )
+
+
+def combine_chunk(chunk: Chunk, outputs: SplitOutputs, rule: CombineConfig, top_n: int, gate: Gate | None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """The KL combination of one chunk's rows with the generalist's top-n activation narrowed by ``gate``
+    (and its weights): log q, the active set used, the rule's own active set, the solver's info."""
+    gated = gate is not None and not gate.is_open
+    rule_active = chunk.active(outputs.membership, top_n)
+    active = gate.apply(rule_active, chunk.gen) if gated else rule_active
+    log_q, info = kl_combine(chunk.gen, outputs.groups, chunk.specs, solver=rule.solver, max_iter=rule.max_iter,
+                             tol=rule.tol, active=active, return_info=True, weights=gate.weights if gated else None)
+    return log_q, active, rule_active, info
 
 
 def compared_top_n(rule: CombineConfig) -> list[int]:
@@ -275,11 +283,7 @@ def fit_ensemble_temperature(val: SplitOutputs, rule: CombineConfig, gate: Gate)
     held-out NLL, from :data:`combine.calibration.GRID`; a chunk of rows at a time."""
     sums = torch.zeros(len(GRID), dtype=torch.float64)
     for chunk in val.chunks("temperature of the combination, held-out"):
-        active = chunk.active(val.membership, rule.top_n)
-        active = active if gate.is_open else gate.apply(active, chunk.gen)
-        log_q = kl_combine(chunk.gen, val.groups, chunk.specs, solver=rule.solver, max_iter=rule.max_iter,
-                           tol=rule.tol, active=active, weights=None if gate.is_open else gate.weights)
-        sums += temperature_nll_sums(log_q, chunk.labels)
+        sums += temperature_nll_sums(combine_chunk(chunk, val, rule, rule.top_n, gate)[0], chunk.labels)
     return best_temperature(sums, len(val))
 
 
