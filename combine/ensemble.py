@@ -20,8 +20,10 @@ from combine.activation import active_specialists
 from combine.calibration import Calibration, apply_temperature
 from combine.gating import Gate
 from combine.kl import kl_combine
+from combine.stacked import StackedSpecialists, stackable
 from specdistill.config import CombineConfig
 from specdistill.data import take
+from specdistill.data.loading import to_float
 from specdistill.engine import predict_logits
 from specdistill.errors import SpecdistillError
 from specdistill.models import load_classifier
@@ -36,7 +38,7 @@ class Ensemble:
 
     def __init__(self, generalist: nn.Module, num_classes: int, specialists: Sequence[nn.Module],
                  infos: Sequence[SpecialistInfo], device: torch.device | str = "cpu", batch_size: int = 512,
-                 calibration: Calibration | None = None) -> None:
+                 calibration: Calibration | None = None, stack: bool = True) -> None:
         self.device = torch.device(device)
         self.generalist = generalist.to(self.device).eval()
         self.num_classes = num_classes
@@ -47,6 +49,9 @@ class Ensemble:
         self.calibration = calibration or Calibration.identity(len(self.specialists))
         self.num_core: list[int] | None = None   # per group, its k-means members (listed first); None: all
         self.gate = Gate.open(len(self.specialists))   # which specialists speak where (combine.gating)
+        # small specialists of one architecture run as one batched network (combine.stacked)
+        self.stacked = StackedSpecialists(self.specialists, [i.dustbin_correction for i in self.infos],
+                                          self.device) if stack and stackable(self.specialists) else None
 
     @classmethod
     def load(cls, run: RunDir, device: torch.device | str = "cpu", batch_size: int = 512) -> Ensemble:
@@ -94,12 +99,39 @@ class Ensemble:
 
     def specialist_outputs(self, images: np.ndarray | torch.Tensor, active: torch.Tensor) -> list[torch.Tensor]:
         """Each specialist's [B, |S_m| + 1] rows where ``active[:, m]``; rows it skips are zeros, never read."""
+        if self.stacked is not None:
+            return self._stacked_outputs(images, active)
         outputs = []
         for m, group in enumerate(self.groups):
             out = torch.zeros(len(images), len(group) + 1)
             rows = active[:, m].cpu().numpy()
             if rows.any():
                 out[torch.as_tensor(rows)] = self.specialist_log_probs(m, take(images, rows))
+            outputs.append(out)
+        return outputs
+
+    def _stacked_outputs(self, images: np.ndarray | torch.Tensor, active: torch.Tensor) -> list[torch.Tensor]:
+        """:meth:`specialist_outputs` with every active (row, specialist) pair in one batched call."""
+        active = active.cpu()
+        used = active.any(1)
+        if not used.any():
+            return [torch.zeros(len(images), len(group) + 1) for group in self.groups]
+        if isinstance(images, torch.Tensor) and images.is_floating_point():   # an already normalised batch
+            x, rows_of = images.to(self.device), torch.arange(len(images))
+        else:   # uint8 images: only the rows some specialist reads
+            picked = used.nonzero().squeeze(1)
+            x = to_float(torch.as_tensor(take(images, picked.numpy())).to(self.device))
+            rows_of = torch.full((len(images),), -1, dtype=torch.int64)
+            rows_of[picked] = torch.arange(len(picked))
+        models, rows = active.t().nonzero(as_tuple=True)    # pairs sorted by specialist
+        temperatures = torch.as_tensor(self.calibration.specialists, dtype=torch.float32, device=self.device)
+        values = self.stacked.log_probs(x, rows_of[rows].to(self.device), models.to(self.device), temperatures,
+                                        4 * self.batch_size).cpu()
+        counts = torch.bincount(models, minlength=len(self)).tolist()
+        outputs = []
+        for group, pair_rows, pair_values in zip(self.groups, rows.split(counts), values.split(counts)):
+            out = torch.zeros(len(images), len(group) + 1)
+            out[pair_rows] = pair_values[:, :len(group) + 1]
             outputs.append(out)
         return outputs
 
