@@ -131,27 +131,26 @@ def main() -> None:
         rule = CombineConfig(top_n=3)
         what = (f"random-weight ensemble: K = {args.classes}, {args.specialists} specialists, "
                 f"resnet_cifar depth 8 width 4, {args.image_size} px")
-    stacked = ensemble.stacked
-    if stacked is None:
+    if ensemble.stacked_specialists() is None:
         raise SystemExit("bench_teacher: these specialists cannot be stacked (combine.stacked.stackable)")
     floats = to_float(torch.as_tensor(uint8[:256]))
     active = {name: ensemble.active(ensemble.generalist_log_probs(batch), rule.top_n)
               for name, batch in (("live", floats), ("cached", uint8))}
-    paths = {"loop": None, "stacked": stacked}
+    paths = {"loop": False, "stacked": True}   # Ensemble.stack
     outputs = {}
     for path, value in paths.items():
-        ensemble.stacked = value
+        ensemble.stack = value
         with torch.no_grad():
             outputs[path] = ensemble.log_probs(floats, rule)   # warm-up and the outputs to compare
     times: dict[tuple[str, str, str], list[float]] = {}
     for _ in range(args.repeats):
         for path, value in paths.items():
-            ensemble.stacked = value
+            ensemble.stack = value
             for name, batch in (("live", floats), ("cached", uint8)):
                 times.setdefault((name, path, "whole"), []).append(timed(ensemble.log_probs, batch, rule))
                 times.setdefault((name, path, "specialists"), []).append(
                     timed(ensemble.specialist_outputs, batch, active[name]))
-    ensemble.stacked = stacked
+    ensemble.stack = True
     median = {key: statistics.median(values) * 1000 for key, values in times.items()}
     print(f"# bench_teacher: {what}")
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
@@ -170,7 +169,7 @@ def main() -> None:
     if args.run_dir and args.train_steps:
         speed = {}
         for path in ("loop", "stacked", "loop", "stacked"):   # twice each, alternating; the better of two
-            ensemble.stacked = paths[path]
+            ensemble.stack = paths[path]
             speed[path] = max(speed.get(path, 0.0), train_images_per_s(cfg, dataset, ensemble, args.train_steps))
         print(f"\n| the run's student, {args.train_steps} steps of {cfg.student.train.batch_size}, "
               f"live ensemble teacher | training images/s | vs loop |\n|---|---:|---:|")

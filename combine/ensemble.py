@@ -49,9 +49,10 @@ class Ensemble:
         self.calibration = calibration or Calibration.identity(len(self.specialists))
         self.num_core: list[int] | None = None   # per group, its k-means members (listed first); None: all
         self.gate = Gate.open(len(self.specialists))   # which specialists speak where (combine.gating)
-        # small specialists of one architecture run as one batched network (combine.stacked)
-        self.stacked = StackedSpecialists(self.specialists, [i.dustbin_correction for i in self.infos],
-                                          self.device) if stack and stackable(self.specialists) else None
+        # small specialists of one architecture run as one batched network (combine.stacked), built on
+        # first use: the combine stage runs each specialist once over a whole split and never needs it
+        self.stack = stack
+        self._stacked: StackedSpecialists | None = None
 
     @classmethod
     def load(cls, run: RunDir, device: torch.device | str = "cpu", batch_size: int = 512) -> Ensemble:
@@ -99,7 +100,7 @@ class Ensemble:
 
     def specialist_outputs(self, images: np.ndarray | torch.Tensor, active: torch.Tensor) -> list[torch.Tensor]:
         """Each specialist's [B, |S_m| + 1] rows where ``active[:, m]``; rows it skips are zeros, never read."""
-        if self.stacked is not None:
+        if self.stacked_specialists() is not None:
             return self._stacked_outputs(images, active)
         outputs = []
         for m, group in enumerate(self.groups):
@@ -109,6 +110,14 @@ class Ensemble:
                 out[torch.as_tensor(rows)] = self.specialist_log_probs(m, take(images, rows))
             outputs.append(out)
         return outputs
+
+    def stacked_specialists(self) -> StackedSpecialists | None:
+        """The specialists as one batched network, built once; None when :attr:`stack` is off or they
+        cannot be stacked (``combine.stacked.stackable``: different architectures, or large ones)."""
+        if self.stack and self._stacked is None and stackable(self.specialists):
+            self._stacked = StackedSpecialists(self.specialists, [i.dustbin_correction for i in self.infos],
+                                               self.device)
+        return self._stacked if self.stack else None
 
     def _stacked_outputs(self, images: np.ndarray | torch.Tensor, active: torch.Tensor) -> list[torch.Tensor]:
         """:meth:`specialist_outputs` with every active (row, specialist) pair in one batched call."""
@@ -120,13 +129,13 @@ class Ensemble:
             x, rows_of = images.to(self.device), torch.arange(len(images))
         else:   # uint8 images: only the rows some specialist reads
             picked = used.nonzero().squeeze(1)
-            x = to_float(torch.as_tensor(take(images, picked.numpy())).to(self.device))
+            x = to_float(torch.as_tensor(np.asarray(take(images, picked.numpy()))).to(self.device))
             rows_of = torch.full((len(images),), -1, dtype=torch.int64)
             rows_of[picked] = torch.arange(len(picked))
         models, rows = active.t().nonzero(as_tuple=True)    # pairs sorted by specialist
         temperatures = torch.as_tensor(self.calibration.specialists, dtype=torch.float32, device=self.device)
-        values = self.stacked.log_probs(x, rows_of[rows].to(self.device), models.to(self.device), temperatures,
-                                        4 * self.batch_size).cpu()
+        values = self.stacked_specialists().log_probs(x, rows_of[rows].to(self.device), models.to(self.device),
+                                                      temperatures, 4 * self.batch_size).cpu()
         counts = torch.bincount(models, minlength=len(self)).tolist()
         outputs = []
         for group, pair_rows, pair_values in zip(self.groups, rows.split(counts), values.split(counts)):

@@ -12,7 +12,7 @@ padded to the largest group, are one batched matrix product.
 Only for specialists that share an architecture up to the head's width (the pipeline trains every
 specialist from the same config) and are small: the slots gather a copy of their specialist's
 weights, so large specialists, which are compute-bound anyway, keep the one-at-a-time loop
-(:func:`stackable`).
+(:func:`stackable`). The batched call runs in float32 on every device (no autocast).
 """
 
 from __future__ import annotations

@@ -52,7 +52,8 @@ def images(n: int = 40) -> np.ndarray:
 
 def test_stacked_specialists_give_the_loops_outputs_on_float_and_uint8_batches():
     looped, batched = ensemble(stack=False), ensemble(stack=True)
-    assert looped.stacked is None and batched.stacked is not None
+    assert batched._stacked is None   # built on first use only: the combine stage never needs it
+    assert looped.stacked_specialists() is None and batched.stacked_specialists() is not None
     x = images()
     active = torch.as_tensor(np.random.default_rng(3).random((len(x), len(GROUPS))) < 0.35)
     active[:, 3] = False   # a specialist nobody activates
@@ -85,7 +86,7 @@ def test_specialists_that_cannot_be_stacked_keep_the_loop(case, monkeypatch):
     if case == "large":
         monkeypatch.setattr(stacked, "MAX_PARAMETERS", 100)
     ens = ensemble(stack=True, widths=widths, names=names)
-    assert not stacked.stackable(ens.specialists) and ens.stacked is None
+    assert not stacked.stackable(ens.specialists) and ens.stacked_specialists() is None
     x = images(8)
     assert ens.log_probs(x, CombineConfig(top_n=2)).shape == (8, K)
 
