@@ -53,6 +53,7 @@ class Ensemble:
         # first use: the combine stage runs each specialist once over a whole split and never needs it
         self.stack = stack
         self._stacked: StackedSpecialists | None = None
+        self._stackable: bool | None = None
 
     @classmethod
     def load(cls, run: RunDir, device: torch.device | str = "cpu", batch_size: int = 512) -> Ensemble:
@@ -100,8 +101,9 @@ class Ensemble:
 
     def specialist_outputs(self, images: np.ndarray | torch.Tensor, active: torch.Tensor) -> list[torch.Tensor]:
         """Each specialist's [B, |S_m| + 1] rows where ``active[:, m]``; rows it skips are zeros, never read."""
-        if self.stacked_specialists() is not None:
-            return self._stacked_outputs(images, active)
+        stacked = self.stacked_specialists()
+        if stacked is not None:
+            return self._stacked_outputs(stacked, images, active)
         outputs = []
         for m, group in enumerate(self.groups):
             out = torch.zeros(len(images), len(group) + 1)
@@ -114,12 +116,15 @@ class Ensemble:
     def stacked_specialists(self) -> StackedSpecialists | None:
         """The specialists as one batched network, built once; None when :attr:`stack` is off or they
         cannot be stacked (``combine.stacked.stackable``: different architectures, or large ones)."""
-        if self.stack and self._stacked is None and stackable(self.specialists):
-            self._stacked = StackedSpecialists(self.specialists, [i.dustbin_correction for i in self.infos],
-                                               self.device)
+        if self.stack and self._stacked is None and self._stackable is None:   # decided once, not per batch
+            self._stackable = stackable(self.specialists)
+            if self._stackable:
+                self._stacked = StackedSpecialists(self.specialists, [i.dustbin_correction for i in self.infos],
+                                                   self.device)
         return self._stacked if self.stack else None
 
-    def _stacked_outputs(self, images: np.ndarray | torch.Tensor, active: torch.Tensor) -> list[torch.Tensor]:
+    def _stacked_outputs(self, stacked: StackedSpecialists, images: np.ndarray | torch.Tensor,
+                         active: torch.Tensor) -> list[torch.Tensor]:
         """:meth:`specialist_outputs` with every active (row, specialist) pair in one batched call."""
         active = active.cpu()
         used = active.any(1)
@@ -134,8 +139,8 @@ class Ensemble:
             rows_of[picked] = torch.arange(len(picked))
         models, rows = active.t().nonzero(as_tuple=True)    # pairs sorted by specialist
         temperatures = torch.as_tensor(self.calibration.specialists, dtype=torch.float32, device=self.device)
-        values = self.stacked_specialists().log_probs(x, rows_of[rows].to(self.device), models.to(self.device),
-                                                      temperatures, 4 * self.batch_size).cpu()
+        values = stacked.log_probs(x, rows_of[rows].to(self.device), models.to(self.device), temperatures,
+                                   4 * self.batch_size).cpu()
         counts = torch.bincount(models, minlength=len(self)).tolist()
         outputs = []
         for group, pair_rows, pair_values in zip(self.groups, rows.split(counts), values.split(counts)):
