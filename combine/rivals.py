@@ -78,7 +78,8 @@ def rival_lines(rivals: dict[str, Any] | None, generalist: dict[str, float], ens
     return ["## Compute-matched rivals", "",
             f"The specialists processed {rivals['specialist_images']:,} training images ({how}), "
             f"{longer['extra_epochs']} epochs of the {rivals['train_images']:,}-image training split on networks of "
-            "the generalist's size. The same compute spent on the generalist instead, on the same examples:", "",
+            "the generalist's size (a wider specialist's image counted by its multiply-adds over the "
+            "generalist's). The same compute spent on the generalist instead, on the same examples:", "",
             md_table(["System", "Training compute", *(f"{split_names[s].capitalize()} accuracy" for s in splits)],
                      rows, align="ll" + "r" * len(splits)),
             ""]

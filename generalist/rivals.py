@@ -142,16 +142,19 @@ def _replaced_as_rival(cfg: Config, run: RunDir) -> tuple[Path, Config, str] | N
 
 
 def specialist_images(infos: Sequence[dict]) -> tuple[int, bool]:
-    """Training images the specialists processed in all, from their records (``specialists/<id>.json``);
-    the flag says the number is exact (newer records count images; older ones give rate x seconds)."""
+    """Training images the specialists processed in all, in generalist-sized passes, from their records
+    (``specialists/<id>.json``): a wider specialist's image (``specialists.model``) counts its multiply-adds
+    over the generalist's. The flag says the number is exact (newer records count images; older ones give
+    rate x seconds)."""
     total, exact = 0.0, True
     for info in infos:
         metrics = info.get("metrics", {})
         if "images_seen" in metrics:
-            total += metrics["images_seen"]
+            images = float(metrics["images_seen"])
         else:
-            total += float(metrics.get("images_per_s") or 0.0) * float(metrics.get("train_seconds") or 0.0)
+            images = float(metrics.get("images_per_s") or 0.0) * float(metrics.get("train_seconds") or 0.0)
             exact = False
+        total += images * float(metrics.get("macs_ratio", 1.0))
     return int(round(total)), exact
 
 

@@ -172,6 +172,10 @@ class SoftTargetConfig(_Section):
 
 class SpecialistsConfig(_Section):
     train: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=3, lr=0.01))
+    # the specialists' network: None = the generalist's (the paper's); else the generalist's network made
+    # wider (a larger width or hidden sizes), which starts as the generalist's function (models.widen_from)
+    # and has more room to learn its group's fine distinctions, at that much more compute per consultation
+    model: ModelConfig | None = None
     specialist_fraction: float = Field(0.5, gt=0.0, lt=1.0)
     soft_targets: SoftTargetConfig = Field(default_factory=SoftTargetConfig)
     freeze_backbone: bool = False
@@ -300,6 +304,20 @@ class Config(_Section):
     student: StudentConfig = Field(default_factory=StudentConfig)
     paper: PaperConfig | None = None             # only the paper-experiment configs set it
 
+    @model_validator(mode="before")
+    @classmethod
+    def _specialists_model_from_generalist(cls, data: Any) -> Any:
+        """specialists.model: the keys left out are generalist.model's, so ``--set specialists.model.width=16``
+        asks for the generalist's network at width 16."""
+        spec = data.get("specialists") if isinstance(data, dict) else None
+        model = spec.get("model") if isinstance(spec, dict) else None
+        if not isinstance(model, dict):
+            return data
+        gen = data.get("generalist")
+        base = gen.get("model") if isinstance(gen, dict) else getattr(gen, "model", None)
+        base = base.model_dump() if isinstance(base, ModelConfig) else dict(base or {})
+        return {**data, "specialists": {**spec, "model": {**base, **model}}}
+
     @model_validator(mode="after")
     def _check(self) -> Config:
         if self.clustering.max_size is not None and self.clustering.max_size < self.clustering.min_size:
@@ -313,6 +331,11 @@ class Config(_Section):
                              "student.model must be generalist.model or the same network made wider (a larger "
                              "width, or larger hidden sizes); copy generalist.model into student.model "
                              "or set student.init: scratch")
+        if self.specialists.model is not None and not self.specialists.model.grows_from(self.generalist.model):
+            raise ValueError("specialists.model starts each specialist from the generalist's weights, so it must be "
+                             "generalist.model or the same network made wider (a larger width, or larger hidden "
+                             "sizes); copy generalist.model into specialists.model and raise its width, or remove "
+                             "the key")
         if self.specialists.train.workers != 1:
             raise ValueError(f"specialists.train.workers={self.specialists.train.workers}: each specialist is one "
                              "Ray task on one device, and the cluster trains many at once; remove the key")
@@ -353,7 +376,7 @@ TRAIN_RUNTIME_KEYS = frozenset({"workers", "use_gpu"})
 
 # Keys added after run-directory format 2 whose default changes nothing: left out of the hash while
 # at that default, so run directories finished before they existed stay finished.
-_NEUTRAL_DEFAULTS: dict[str, Any] = {"mean": None, "std": None, "weights": None,
+_NEUTRAL_DEFAULTS: dict[str, Any] = {"mean": None, "std": None, "weights": None, "model": None,
                                      # stored predictions: dense as before wherever they are small
                                      "predictions": "auto", "predictions_top_k": 64,
                                      "dense_predictions_limit_mb": 1024.0,

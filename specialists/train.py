@@ -31,7 +31,7 @@ from specdistill.data.loading import training_batches
 from specdistill.engine import fit, predict_logits, resolve_device
 from specdistill.errors import SpecdistillError
 from specdistill.kd import build_loss
-from specdistill.models import Classifier, build_model
+from specdistill.models import Classifier, build_model, count_flops, widen_from
 from specialists.dustbin import confusion_correction, corrected_log_probs, dustbin_correction, group_share
 from specialists.model import as_class_index, fold_logits, make_specialist
 from specialists.sampler import SpecialistBatchSampler, confusion_indices, fold_labels
@@ -46,6 +46,19 @@ def classifier_from_state(state: dict[str, Any]) -> Classifier:
     model = build_model(ModelConfig(**meta["model"]), meta["num_classes"], meta["channels"], meta["image_size"])
     model.load_state_dict({k: torch.as_tensor(np.asarray(v)) for k, v in state["tensors"].items()})
     return model.eval()
+
+
+def specialist_base(generalist: Classifier, generalist_meta: dict[str, Any],
+                    model: ModelConfig | None) -> tuple[Classifier, float]:
+    """The network a specialist starts from and its multiply-adds per image over the generalist's: the
+    generalist itself, or (``specialists.model``) the same network made wider, computing the same function
+    (``models.widen_from``), its extra channels free to learn the group's fine distinctions."""
+    if model is None or model == ModelConfig(**generalist_meta["model"]):
+        return generalist, 1.0
+    channels, size = generalist_meta["channels"], generalist_meta["image_size"]
+    net = build_model(model.model_copy(update={"pretrained": False}), generalist.num_classes, channels, size)
+    wide = widen_from(net, generalist.state_dict()).eval()
+    return wide, count_flops(wide, channels, size) / count_flops(generalist, channels, size)
 
 
 @torch.no_grad()
@@ -162,8 +175,10 @@ def train_one(generalist_state: dict[str, Any], group: dict[str, Any], data: dic
 
     inside_train = np.isin(train.labels, classes.numpy())
     init_idx = _balanced_sample(rng, inside_train, INIT_EXAMPLES, sampler.training_fraction)
-    features = backbone_features(generalist, train.subset(init_idx).images, device, scfg.train.eval_batch_size)
-    specialist = make_specialist(generalist, classes, features, dustbin_init=scfg.dustbin_init)
+    gmeta = generalist_state["meta"]
+    base, macs_ratio = specialist_base(generalist, gmeta, scfg.model)
+    features = backbone_features(base, train.subset(init_idx).images, device, scfg.train.eval_batch_size)
+    specialist = make_specialist(base, classes, features, dustbin_init=scfg.dustbin_init)
     if scfg.freeze_backbone:
         for p in specialist.backbone.parameters():
             p.requires_grad_(False)
@@ -230,14 +245,15 @@ def train_one(generalist_state: dict[str, Any], group: dict[str, Any], data: dic
         **{k: v for k, v in result.items() if k != "history"},
     }
     metrics["group_acc_gain"] = metrics["specialist_group_acc"] - metrics["generalist_group_acc"]
+    metrics["macs_ratio"] = macs_ratio   # its multiply-adds per image over the generalist's (the rivals' compute)
     if confusions is not None:
         metrics["confusions"] = {"examples": len(confusions), "rate": sampler.confusion_rate,
                                  "share_of_dustbin": sampler.confusion_share}
-    gmeta = generalist_state["meta"]
     return {
         "id": int(group["id"]), "classes": classes.tolist(), "names": list(group.get("names") or []),
         "tensors": {k: v.detach().cpu().numpy() for k, v in specialist.state_dict().items()},
-        "model_meta": {"model": gmeta["model"], "num_classes": len(classes) + 1,
+        "model_meta": {"model": gmeta["model"] if scfg.model is None else scfg.model.model_dump(mode="json"),
+                       "num_classes": len(classes) + 1,
                        "channels": gmeta["channels"], "image_size": gmeta["image_size"]},
         "dustbin_correction": correction, "group_share": share,
         "training_fraction": sampler.training_fraction, "metrics": metrics,

@@ -324,6 +324,55 @@ def test_train_one_improves_the_group_and_the_correction_fixes_the_prior(trained
     assert result["tensors"]["head.weight"].shape == (4, 32)
 
 
+def test_specialists_model_takes_the_generalists_keys_and_must_grow_from_it():
+    from pydantic import ValidationError
+
+    from specdistill.config import stage_hash
+
+    gen = {"model": {"name": "resnet_cifar", "depth": 8, "width": 8}}
+    plain = Config.model_validate({"generalist": gen})
+    assert plain.specialists.model is None
+    wide = Config.model_validate({"generalist": gen, "specialists": {"model": {"width": 16}}})
+    assert wide.specialists.model == plain.generalist.model.model_copy(update={"width": 16})
+    assert stage_hash(wide, "specialists") != stage_hash(plain, "specialists")
+    assert stage_hash(wide, "clustering") == stage_hash(plain, "clustering")
+    same = Config.model_validate({"generalist": gen, "specialists": {"model": gen["model"]}})
+    assert same.specialists.model == plain.generalist.model
+    for other in ({"width": 4}, {"depth": 14, "width": 16}, {"name": "mlp"}):
+        with pytest.raises(ValidationError, match="specialists.model starts each specialist"):
+            Config.model_validate({"generalist": gen, "specialists": {"model": other}})
+
+
+def test_a_wider_specialist_starts_as_the_generalist_and_counts_its_compute(trained, tmp_path):
+    from specdistill.models import load_classifier, save_classifier
+
+    cfg, generalist, train, val = trained
+    state, data = _task_inputs(cfg, generalist, train, val)
+    wide = cfg.model_copy(update={"specialists": cfg.specialists.model_copy(
+        update={"model": cfg.generalist.model.model_copy(update={"hidden": [96]})})})
+    result = train_one(state, {"id": 1, "classes": [3, 4, 5], "names": ["d", "e", "f"]}, data, wide)
+    m = result["metrics"]
+    assert m["init_group_acc"] == m["generalist_group_acc"]          # widened: the generalist's function
+    assert m["init"]["dustbin_mae"] < 0.05
+    assert m["specialist_group_acc"] >= m["generalist_group_acc"]
+    assert result["tensors"]["head.weight"].shape == (4, 96)
+    assert result["model_meta"]["model"]["hidden"] == [96]
+    assert m["macs_ratio"] == pytest.approx((64 * 96 + 96 * K) / (64 * 32 + 32 * K), rel=0.05)
+    # the weights load back as the wider network from their own meta, as the combine stage reads them
+    net = build_model(wide.specialists.model, 4, 1, SIZE)
+    net.load_state_dict({k: torch.as_tensor(v) for k, v in result["tensors"].items()})
+    save_classifier(tmp_path / "s.safetensors", net, result["model_meta"])
+    loaded, _ = load_classifier(tmp_path / "s.safetensors", "cpu")
+    torch.testing.assert_close(predict_logits(loaded, val.images), predict_logits(net, val.images))
+    # the rivals count its images at their cost in generalist passes
+    from generalist.rivals import specialist_images
+
+    narrow = train_one(state, {"id": 1, "classes": [3, 4, 5], "names": ["d", "e", "f"]}, data, cfg)["metrics"]
+    assert "macs_ratio" in narrow and narrow["macs_ratio"] == 1.0
+    images, exact = specialist_images([{"metrics": m}, {"metrics": narrow}])
+    assert exact and images == round(m["images_seen"] * m["macs_ratio"] + narrow["images_seen"])
+
+
 def test_train_one_draws_its_dustbin_from_the_generalists_confusions(trained):
     cfg, generalist, train, val = trained
     state, data = _task_inputs(cfg, generalist, train, val)
