@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from specdistill.artifacts import read_json
+from specdistill.artifacts import load_weights, read_json
 from specdistill.config import STAGES, load_config, stage_hash
 from specdistill.provenance import FORMAT_VERSION
 from specdistill.records import CombineResult
@@ -67,6 +67,8 @@ def test_every_artifact_exists_and_agrees(finished_run):
         assert spec["classes"] == groups[spec["id"]]["classes"]
         assert np.isfinite(spec["dustbin_correction"])
         assert path.with_suffix(".safetensors").stat().st_size > 0
+        weights, wmeta = load_weights(path.with_suffix(".safetensors"))
+        assert wmeta["model"]["width"] == 12 and weights["head.weight"].shape == (len(spec["classes"]) + 1, 48)
     ev = CombineResult.read(run / "combine" / "eval.json")
     assert ev.split("test").num_examples == len(labels_test) and ev.num_classes == k
     assert ev.num_specialists == len(groups)
