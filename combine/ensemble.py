@@ -116,7 +116,7 @@ class Ensemble:
     def stacked_specialists(self) -> StackedSpecialists | None:
         """The specialists as one batched network, built once; None when :attr:`stack` is off or they
         cannot be stacked (``combine.stacked.stackable``: different architectures, or large ones)."""
-        if self.stack and self._stacked is None and self._stackable is None:   # decided once, not per batch
+        if self.stack and self._stackable is None:   # decided once, not per batch
             self._stackable = stackable(self.specialists)
             if self._stackable:
                 self._stacked = StackedSpecialists(self.specialists, [i.dustbin_correction for i in self.infos],

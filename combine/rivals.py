@@ -43,7 +43,7 @@ def score_rivals(cfg: Config, data: Dataset, specialist_ids: list[int], progress
     images, exact = specialist_images(infos)
     extra = extra_epochs(images, len(data.train))
     epochs = cfg.generalist.train.epochs + extra
-    print(f"combine: rivals: the specialists processed {images:,} training images "
+    print(f"combine: rivals: the specialists processed {images:,} training images in generalist-sized passes "
           f"({'counted' if exact else 'estimated from rate x time'}) = {extra} generalist epochs; training the "
           f"generalist for {epochs} epochs and one from seed {cfg.seed + 1}")
     longer = ensure_longer_generalist(cfg, data, epochs, progress)
