@@ -263,6 +263,11 @@ class StudentConfig(_Section):
     # then be generalist.model or the same network made wider, which starts as the generalist's function:
     # models.widen_from). The assistant of student.assistant starts from scratch either way.
     init: Literal["scratch", "generalist"] = "scratch"
+    # mixup on every student's training batches (Zhang et al. 2018), the Beta(a, a) parameter a; 0 = off. With
+    # teacher_view: augmented the teacher scores each mixed image ("function matching", Beyer et al. 2022: a
+    # teacher sure of every training image is unsure of a mix, which is where the specialists add knowledge);
+    # with cached targets the teacher's targets are mixed like the labels (specdistill.kd.Mix)
+    mixup: float = Field(0.0, ge=0.0)
 
 
 class PaperConfig(_Section):
@@ -383,7 +388,8 @@ _NEUTRAL_DEFAULTS: dict[str, Any] = {"mean": None, "std": None, "weights": None,
                                      "eval_limit": None, "alternatives": True,
                                      "max_size": None, "weighting": "equal",
                                      "confusion_fraction": 0.0, "confusion_top_n": 1, "head_epochs": 0,
-                                     "teacher_view": "cached", "init": "scratch", "calibrate_ensemble": False}
+                                     "teacher_view": "cached", "init": "scratch", "calibrate_ensemble": False,
+                                     "mixup": 0.0}
 # data options only natural-image sources read; their recipe changed with them (crop + flip instead
 # of the glyph jitter), so for those sources they stay in the hash and older runs are redone
 _NATURAL_ONLY: dict[str, Any] = {"crop_scale": [0.08, 1.0], "stream": "auto"}

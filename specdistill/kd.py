@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -224,6 +225,37 @@ class TeacherTargets(Protocol):
     def lookup(self, index: torch.Tensor, temperature: float = 1.0) -> torch.Tensor: ...
 
 
+@dataclass(frozen=True)
+class Mix:
+    """One mixup draw for a batch: example i becomes ``lam_i * x_i + (1 - lam_i) * x_partner[i]``."""
+
+    lam: torch.Tensor        # [B], in [0.5, 1]
+    partner: torch.Tensor    # [B], a permutation of the batch
+
+    @staticmethod
+    def draw(batch: int, concentration: float, device: torch.device | str) -> Mix:
+        """``lam ~ Beta(c, c)`` per example, folded onto [0.5, 1]; a random partner per example. Drawn from
+        the global CPU generator, which the training checkpoint saves, so a resumed run mixes alike."""
+        c = torch.tensor(float(concentration))
+        lam = torch.distributions.Beta(c, c).sample((batch,))
+        lam = torch.maximum(lam, 1 - lam)
+        return Mix(lam.to(device), torch.randperm(batch).to(device))
+
+    def images(self, x: torch.Tensor) -> torch.Tensor:
+        lam = self.lam.view(-1, *([1] * (x.ndim - 1))).to(x.dtype)
+        return lam * x + (1 - lam) * x[self.partner]
+
+    def probs(self, p: torch.Tensor) -> torch.Tensor:
+        """The same mix of per-example distributions [B, K] (e.g. one-hot labels)."""
+        lam = self.lam.unsqueeze(1).to(p.dtype)
+        return lam * p + (1 - lam) * p[self.partner]
+
+    def log_probs(self, log_p: torch.Tensor) -> torch.Tensor:
+        """:meth:`probs` in log space: log(lam p_i + (1 - lam) p_j), no underflow for tiny probabilities."""
+        lam = self.lam.unsqueeze(1).to(log_p.dtype)
+        return torch.logaddexp(lam.log() + log_p, torch.log1p(-lam).clamp_min(-1e4) + log_p[self.partner])
+
+
 class Distiller(nn.Module):
     """A student trained from a teacher (mdistiller's shape).
 
@@ -231,17 +263,29 @@ class Distiller(nn.Module):
     looked up by the examples' indices in the training split (the cache), or ``None`` for the
     hard-label loss. A live teacher is frozen and stays in eval mode whatever ``train()`` says, so
     its batch-norm statistics and dropout never drift while the student trains.
+
+    ``mixup`` > 0 trains on mixed pairs of the batch (Zhang et al. 2018): each example becomes
+    ``lam x_i + (1 - lam) x_j`` with ``lam ~ Beta(mixup, mixup)`` drawn per example (the larger weight
+    on ``x_i``, so the training accuracy reads the main image's label) and a random partner ``j``, its
+    label the same mix of the two one-hot labels. A live teacher scores the mixed image itself (Beyer
+    et al. 2022, "function matching": on mixed images a sure teacher becomes unsure, and there the
+    ensemble's specialists speak); cached targets can only be mixed like the labels, ``lam q_i + (1 -
+    lam) q_j``. Training steps only; evaluation sees the images as they are.
     """
 
     def __init__(self, student: nn.Module, loss: nn.Module,
-                 teacher: nn.Module | TeacherTargets | None = None) -> None:
+                 teacher: nn.Module | TeacherTargets | None = None, mixup: float = 0.0) -> None:
         super().__init__()
         if getattr(loss, "needs_teacher", True) and teacher is None:
             raise SpecdistillError("the distillation loss needs a teacher but none was given; "
                                    "use student.loss.name=hard to train on labels alone")
+        if not isinstance(mixup, (int, float)) or not math.isfinite(mixup) or mixup < 0:
+            raise SpecdistillError(f"mixup={mixup!r} must be a finite number >= 0 (0 = off); set student.mixup "
+                                   "to e.g. 1.0")
         self.student = student
         self.loss = loss
         self.teacher = teacher
+        self.mixup = float(mixup)
         if isinstance(teacher, nn.Module):
             teacher.requires_grad_(False)
             teacher.eval()
@@ -253,7 +297,9 @@ class Distiller(nn.Module):
         return self
 
     @torch.no_grad()
-    def teacher_targets(self, images: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor | None:
+    def teacher_targets(self, images: torch.Tensor, index: torch.Tensor | None,
+                        mix: Mix | None = None) -> torch.Tensor | None:
+        """The teacher's log-probs for the batch ``images`` (already mixed by ``mix``, if given)."""
         if self.teacher is None or not getattr(self.loss, "needs_teacher", True):
             return None
         if isinstance(self.teacher, nn.Module):
@@ -263,10 +309,17 @@ class Distiller(nn.Module):
             raise SpecdistillError("cached teacher targets need the examples' indices; "
                                    "the training loop must pass `index`")
         temperature = getattr(self.loss, "temperature", 1.0)   # the T the loss divides the targets by
-        return self.teacher.lookup(index.cpu(), temperature).to(images.device)
+        targets = self.teacher.lookup(index.cpu(), temperature).to(images.device)
+        return targets if mix is None else mix.log_probs(targets)
 
     def compute(self, student: nn.Module, images: torch.Tensor, labels: torch.Tensor,
                 index: torch.Tensor | None) -> tuple[torch.Tensor, LossTerms]:
+        if self.mixup > 0 and student.training:
+            mix = Mix.draw(len(images), self.mixup, images.device)
+            images = mix.images(images)
+            logits = student(images)
+            soft_labels = mix.probs(F.one_hot(labels, logits.shape[1]).float())
+            return logits, self.loss(logits, self.teacher_targets(images, index, mix), soft_labels)
         logits = student(images)
         return logits, self.loss(logits, self.teacher_targets(images, index), labels)
 

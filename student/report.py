@@ -75,7 +75,11 @@ def evaluation(cfg: Config, dataset: Dataset, students: dict[str, dict[str, Any]
                          f"(student.teacher_view=augmented, data.augment={cfg.data.augment})"
                          if cfg.student.teacher_view == "augmented" else
                          "teacher targets computed once on un-augmented training images and reused for "
-                         f"every augmented view (data.augment={cfg.data.augment})"),
+                         f"every augmented view (data.augment={cfg.data.augment})")
+                        + (f"; every training batch mixed up in pairs (student.mixup={cfg.student.mixup:g}: "
+                           + ("the teacher scores the mixed images" if cfg.student.teacher_view == "augmented"
+                              else "the cached targets mixed like the labels") + ")"
+                           if cfg.student.mixup > 0 else ""),
     }
 
 

@@ -97,7 +97,8 @@ def train_one(cfg: Config, plan: StudentPlan, dataset: Dataset, teacher: Teacher
     model = build_model(plan.model, dataset.num_classes, dataset.channels, dataset.image_size)
     if plan.init == "generalist":   # the config checks that student.model is the generalist's network or wider
         widen_from(model, load_classifier(RunDir.of(cfg).generalist_weights)[0].state_dict())
-    distiller = Distiller(model, loss, teacher if getattr(loss, "needs_teacher", True) else None)
+    distiller = Distiller(model, loss, teacher if getattr(loss, "needs_teacher", True) else None,
+                          mixup=cfg.student.mixup)
     train = cfg.student.train
     loader, augment = training_batches(dataset.train, cfg.data, train.batch_size, cfg.seed, device=device)
     result = fit(model, loader, dataset.val, train, out_dir,
@@ -115,7 +116,8 @@ def _run_folder(plan: StudentPlan, teacher_key: str, cfg: Config, data_fingerpri
     schedule = cfg.student.train.model_dump(exclude=set(TRAIN_RUNTIME_KEYS))
     augment = [cfg.data.augment] + ([list(cfg.data.crop_scale)] if cfg.data.source in NATURAL_SOURCES else [])
     key = digest_json([plan.model.model_dump(), plan.loss.model_dump(), schedule, teacher_key, cfg.seed,
-                       data_fingerprint, *augment, *([plan.init] if plan.init != "scratch" else [])])
+                       data_fingerprint, *augment, *([plan.init] if plan.init != "scratch" else []),
+                       *([f"mixup={cfg.student.mixup:g}"] if cfg.student.mixup > 0 else [])])
     return f"{plan.name}-{key}"
 
 

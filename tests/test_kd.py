@@ -229,3 +229,83 @@ def test_distiller_objective_uses_cached_targets_by_index():
     assert terms["kd"].item() == pytest.approx(expected.item())
     with pytest.raises(SpecdistillError, match="indices"):
         distiller.objective(student, x, y, None)
+
+
+class _Recorder(nn.Module):
+    """A live teacher that remembers the images it scored."""
+
+    def __init__(self, k: int) -> None:
+        super().__init__()
+        self.k, self.seen = k, []
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        self.seen.append(images.clone())
+        return torch.log_softmax(images.flatten(1)[:, :self.k] * 3, dim=1)
+
+
+def test_mixup_trains_the_student_and_the_live_teacher_on_the_same_mixed_images():
+    """student.mixup: each training image becomes lam x_i + (1 - lam) x_j (lam >= 0.5), the live teacher
+    scores exactly those images, the labels are mixed alike; evaluation and mixup=0 leave the batch alone."""
+    torch.manual_seed(6)
+    k, b = 4, 64
+    x, y = torch.randn(b, 8), torch.randint(0, k, (b,))
+    teacher, student = _Recorder(k), nn.Linear(8, k)
+    loss = build_loss("hinton", temperature=2.0, alpha=0.5)
+    distiller = Distiller(student, loss, teacher, mixup=1.0)
+    student.train()
+    logits, terms = distiller.objective(student, x, y, torch.arange(b))
+    seen = teacher.seen[-1]
+    assert not torch.equal(seen, x)
+    assert torch.equal(logits, student(seen))            # the student saw the teacher's images
+    # every row is a convex mix of its own image (weight >= 0.5) and one other image of the batch
+    lams, partners = [], []
+    for i in range(b):
+        for j in range(b):
+            d = x[i] - x[j]
+            lam = float(((seen[i] - x[j]) @ d) / (d @ d)) if j != i else 1.0
+            if torch.allclose(seen[i], lam * x[i] + (1 - lam) * x[j], atol=1e-5):
+                lams.append(lam), partners.append(j)
+                break
+        else:
+            pytest.fail(f"row {i} is not a mix of two batch images")
+    lams = np.array(lams)
+    assert lams.min() >= 0.5 - 1e-5 and lams.max() <= 1 + 1e-5 and lams.std() > 0.05   # drawn per example
+    # the hard term is the cross-entropy against the same mix of the one-hot labels
+    soft = torch.stack([lam * nn.functional.one_hot(y[i], k) + (1 - lam) * nn.functional.one_hot(y[j], k)
+                        for i, (lam, j) in enumerate(zip(lams.tolist(), partners))]).float()
+    expected = loss(logits, teacher(seen), soft)
+    for name in ("kd", "ce"):
+        assert terms[name].item() == pytest.approx(expected[name].item(), rel=1e-4)
+    student.eval()
+    distiller.objective(student, x, y, torch.arange(b))
+    assert torch.equal(teacher.seen[-1], x)               # no mixing when not training
+    student.train()
+    Distiller(student, loss, teacher).objective(student, x, y, torch.arange(b))
+    assert torch.equal(teacher.seen[-1], x)               # mixup=0: off
+
+
+def test_mixup_mixes_cached_targets_like_the_labels():
+    """Cached targets cannot score a mixed image: they are mixed in probability, lam q_i + (1 - lam) q_j."""
+    from specdistill.kd import Mix
+
+    torch.manual_seed(7)
+    table = torch.log_softmax(torch.randn(6, 5) * 4, dim=1)
+    mix = Mix.draw(6, 0.4, "cpu")
+    assert torch.all(mix.lam >= 0.5) and sorted(mix.partner.tolist()) == list(range(6))
+    lam = mix.lam.unsqueeze(1)
+    torch.testing.assert_close(mix.log_probs(table).exp(), lam * table.exp() + (1 - lam) * table.exp()[mix.partner])
+    student = nn.Linear(3, 5)
+    loss = build_loss("hinton", temperature=1.0, alpha=1.0)
+    distiller = Distiller(student, loss, _TableTeacher(table), mixup=0.4)
+    torch.manual_seed(8)
+    logits, terms = distiller.objective(student, torch.randn(6, 3), torch.zeros(6, dtype=torch.long), torch.arange(6))
+    torch.manual_seed(8)
+    torch.randn(6, 3)
+    again = Mix.draw(6, 0.4, "cpu")                       # the same draw the distiller made
+    assert terms["kd"].item() == pytest.approx(loss(logits, again.log_probs(table), None)["kd"].item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("mixup", [-0.5, float("nan")])
+def test_bad_mixup_is_one_clear_line(mixup):
+    with pytest.raises(SpecdistillError, match="student.mixup"):
+        Distiller(nn.Linear(2, 2), build_loss("hard"), mixup=mixup)

@@ -368,6 +368,34 @@ def test_teacher_on_the_augmented_view_runs_the_ensemble_on_every_batch(tiny_run
         live_teacher(cfg, "generalists", data, torch.device("cpu"))
 
 
+def test_mixup_shows_the_live_ensemble_mixed_images_and_keys_its_own_runs(tiny_run, monkeypatch):
+    """student.mixup with the teacher on the student's view: on un-augmented data the ensemble scores mixes
+    of two training images (not the clean ones), the report says so, and the runs are keyed apart."""
+    from student.teachers import LiveEnsemble
+    from student.train import run_student
+
+    tmp_path, data = tiny_run
+    cfg = _cfg(tmp_path, teacher="ensemble", teacher_view="augmented", baselines=["hard"], mixup=1.0)
+    seen = []
+
+    def spy(self, images, real=LiveEnsemble.forward):
+        seen.append(images.clone())
+        return real(self, images)
+
+    monkeypatch.setattr(LiveEnsemble, "forward", spy)
+    result = run_student(cfg, progress=False, dataset=data)
+    raw = to_float(torch.as_tensor(data.train.images)).flatten(1)
+    first = seen[0].flatten(1)
+    clean = (torch.cdist(first, raw) < 1e-4).any(1)
+    assert clean.float().mean() < 0.2      # most rows are mixes (a row mixed with weight ~1 may look clean)
+    assert "mixed up in pairs (student.mixup=1" in result["augmentation"]
+    assert set(result["students"]) == {"student", "hard"} and result["test_acc"] > 0.25
+    plan = plan_students(cfg)[0]
+    plain = cfg.model_copy(update={"student": cfg.student.model_copy(update={"mixup": 0.0})})
+    assert _run_folder(plan, "k", cfg, "d") != _run_folder(plan, "k", plain, "d")
+    assert stage_hash(cfg, "student") != stage_hash(plain, "student")
+
+
 def test_a_student_started_from_the_generalist_begins_with_its_weights(tiny_run, monkeypatch):
     """student.init=generalist: the student and its baselines start training from the generalist's weights
     (the scratch student does not), record it, and keep their checkpoints apart from scratch runs."""
