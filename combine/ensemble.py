@@ -169,6 +169,11 @@ class Ensemble:
     def log_probs(self, images: np.ndarray | torch.Tensor, rule: CombineConfig) -> torch.Tensor:
         """[B, K] log q of the ensemble (on the CPU) for uint8 images or a normalised float batch (the
         student's augmented view): generalist, active specialists, KL combiner."""
+        return self.log_probs_and_active(images, rule)[0]
+
+    def log_probs_and_active(self, images: np.ndarray | torch.Tensor,
+                             rule: CombineConfig) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`log_probs` and the [B, M] bool mask of the specialists that spoke for each image."""
         gen = self.generalist_log_probs(images)
         active = self.active(gen, rule.top_n)
-        return self.combine(gen, self.specialist_outputs(images, active), rule, active=active)
+        return self.combine(gen, self.specialist_outputs(images, active), rule, active=active), active

@@ -110,6 +110,13 @@ def render_report(result: dict[str, Any]) -> str:
                      f"student keeps {percent(kept)} of that gain (the paper's speech model kept more than 80% "
                      "of a 10-model ensemble's gain). A negative share means the student is below the "
                      "generalist, e.g. because it is smaller.")
+    for s in result["students"].values():
+        if s.get("teacher_consulted"):
+            c = s["teacher_consulted"]
+            lines += ["", f"{s['title']}: the ensemble consulted a specialist on {percent(c['share_consulting'])} "
+                      f"of the {c['views']:,} training views it scored ({c['specialists_per_view']:.2f} specialists "
+                      "per view); on the others it is the generalist, so only these views can teach the student "
+                      "what the specialists add."]
     lines += ["", "## Teacher cache", "", md_table(
         ["teacher", "top-k", "examples", "MB", "mean residual mass",
          f"tempered mass outside the top k (T={temperature:g})", "seconds to build"],

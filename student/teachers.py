@@ -110,15 +110,30 @@ def loaded_ensemble(cfg: Config, dataset: Dataset, device: torch.device, batch_s
 class LiveEnsemble(nn.Module):
     """The ensemble teacher as a module over normalised float batches [B, C, H, W]: the generalist, the
     specialists its top-n (and the held-out gate) activate, the KL combiner; log q [B, K] on the batch's
-    device. The student's ``teacher_view: augmented`` runs it on every augmented batch."""
+    device. The student's ``teacher_view: augmented`` runs it on every augmented batch.
+
+    It counts the views it scores and the specialists that spoke for them (:meth:`consulted`): where the
+    gate stays shut the ensemble is the generalist, so the share of views that consult a specialist says
+    how much of what the specialists know can reach the student at all."""
 
     def __init__(self, ensemble: Any, rule: Any) -> None:
         super().__init__()
         self.ensemble, self.rule = ensemble, rule
+        self.views = self.views_consulting = self.consultations = 0
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.ensemble.log_probs(images, self.rule).to(images.device)
+        log_q, active = self.ensemble.log_probs_and_active(images, self.rule)
+        self.views += len(images)
+        self.views_consulting += int(active.any(1).sum())
+        self.consultations += int(active.sum())
+        return log_q.to(images.device)
+
+    def consulted(self) -> dict[str, float]:
+        """Of the views scored so far: the share that consulted any specialist, and specialists per view."""
+        views = max(self.views, 1)
+        return {"views": self.views, "share_consulting": self.views_consulting / views,
+                "specialists_per_view": self.consultations / views}
 
 
 class LogProbsOf(nn.Module):

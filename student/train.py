@@ -37,7 +37,14 @@ from specdistill.records import CombineResult
 from specdistill.rundir import RunDir
 from student.cache import TeacherCache, build_cache, cache_key, data_fingerprint, load_or_build, tempered_tail_share
 from student.report import evaluation, render_report
-from student.teachers import describe_teacher, ensure_generalists, live_teacher, make_teacher, models_teacher
+from student.teachers import (
+    LiveEnsemble,
+    describe_teacher,
+    ensure_generalists,
+    live_teacher,
+    make_teacher,
+    models_teacher,
+)
 
 
 @dataclass(frozen=True)
@@ -241,6 +248,8 @@ def train_and_save(cfg: Config, run: RunDir, plan: StudentPlan, dataset: Dataset
     metrics = {"val_acc": val["acc"], "test_acc": test["acc"], "test_loss": test["loss"],
                "best_epoch": result["best_epoch"], "epochs_run": result["epochs_run"],
                "train_seconds": result["train_seconds"], "images_per_s": result["images_per_s"]}
+    if isinstance(teacher, LiveEnsemble) and teacher.views:   # 0 when a finished checkpoint was reloaded
+        metrics["teacher_consulted"] = teacher.consulted()
     meta = model_meta(model, plan, dataset, metrics=metrics, teacher_key=key, init=plan.init)
     save_classifier(run.student_weights if plan.name == "student" else run.student_baseline(plan.name), model, meta)
     if plan.name == "assistant":

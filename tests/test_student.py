@@ -389,6 +389,11 @@ def test_mixup_shows_the_live_ensemble_mixed_images_and_keys_its_own_runs(tiny_r
     clean = (torch.cdist(first, raw) < 1e-4).any(1)
     assert clean.float().mean() < 0.2      # most rows are mixes (a row mixed with weight ~1 may look clean)
     assert "mixed up in pairs (student.mixup=1" in result["augmentation"]
+    consulted = result["students"]["student"]["teacher_consulted"]   # counted over every view it scored
+    assert consulted["views"] == sum(len(b) for b in seen)
+    assert 0 < consulted["share_consulting"] <= 1 and consulted["specialists_per_view"] >= consulted["share_consulting"]
+    assert "the ensemble consulted a specialist on" in (cfg.run_path / "student" / "report.md").read_text()
+    assert "teacher_consulted" not in result["students"]["hard"]
     assert set(result["students"]) == {"student", "hard"} and result["test_acc"] > 0.25
     plan = plan_students(cfg)[0]
     plain = cfg.model_copy(update={"student": cfg.student.model_copy(update={"mixup": 0.0})})
