@@ -124,25 +124,31 @@ def predict_log_probs(model: nn.Module, images: np.ndarray | torch.Tensor, batch
 _EVALUATE_WHOLE_BYTES = 256 * 2**20   # above this, [N, K] logits are never held whole (K = 15,000)
 
 
-def evaluate(model: nn.Module, split: Split, batch_size: int = 512, device=None) -> dict[str, float]:
+def evaluate(model: nn.Module, split: Split, batch_size: int = 512, device=None,
+             hits: bool = False) -> dict[str, Any]:
+    """Mean cross-entropy ``loss`` and top-1 ``acc`` on ``split``; with ``hits``, also ``hits``: a bool
+    array saying which examples the model gets right (for paired comparisons on the same examples)."""
     n, num_classes = len(split.labels), int(getattr(model, "num_classes", 0) or 0)
     if 4 * n * num_classes > _EVALUATE_WHOLE_BYTES:
-        return _evaluate_in_blocks(model, split, batch_size, device)
+        return _evaluate_in_blocks(model, split, batch_size, device, hits)
     logits = predict_logits(model, split.images, batch_size, device)
     labels = torch.as_tensor(split.labels)
+    right = logits.argmax(1) == labels
     return {"loss": float(F.cross_entropy(logits, labels)) if len(labels) else float("nan"),
-            "acc": float((logits.argmax(1) == labels).float().mean()) if len(labels) else float("nan")}
+            "acc": float(right.float().mean()) if len(labels) else float("nan"),
+            **({"hits": right.numpy()} if hits else {})}
 
 
-def _evaluate_in_blocks(model: nn.Module, split: Split, batch_size: int, device) -> dict[str, float]:
+def _evaluate_in_blocks(model: nn.Module, split: Split, batch_size: int, device, hits: bool) -> dict[str, Any]:
     """As :func:`evaluate`, a block of rows at a time (the loss summed in float64)."""
-    loss, correct, n = 0.0, 0, len(split.labels)
+    loss, n, right = 0.0, len(split.labels), []
     for start in range(0, n, batch_size):
         logits = predict_logits(model, split.images[start:start + batch_size], batch_size, device)
         labels = torch.as_tensor(split.labels[start:start + batch_size])
         loss += float(F.cross_entropy(logits, labels, reduction="sum"))
-        correct += int((logits.argmax(1) == labels).sum())
-    return {"loss": loss / n, "acc": correct / n}
+        right.append((logits.argmax(1) == labels).numpy())
+    right_all = np.concatenate(right)
+    return {"loss": loss / n, "acc": float(right_all.mean()), **({"hits": right_all} if hits else {})}
 
 
 def _interactive() -> bool:

@@ -11,11 +11,16 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+from scipy.stats import binomtest
+
 from generalist.rivals import generalist_dir, mean_accuracy
 from specdistill.artifacts import read_json
 from specdistill.config import Config
 from specdistill.data import Dataset
+from specdistill.errors import SpecdistillError
 from specdistill.formatting import md_table, percent
+from specdistill.predictions import StoredPredictions
 from specdistill.records import CombineResult
 from specdistill.rundir import SPLITS, RunDir
 from student.cache import TeacherCache, tempered_tail_share
@@ -48,6 +53,35 @@ def gain_kept(acc: float, generalist: float, ensemble: float | None) -> float | 
     if ensemble is None or ensemble <= generalist:
         return None
     return (acc - generalist) / (ensemble - generalist)
+
+
+def paired(student: np.ndarray, rival: np.ndarray) -> dict[str, Any]:
+    """The student against a rival on the same examples (bool arrays: right or not): how many only the
+    student gets right, how many only the rival, and the two-sided sign test's p-value on those (the
+    examples both get right or both miss say nothing about which is better)."""
+    only_student, only_rival = int((student & ~rival).sum()), int((~student & rival).sum())
+    p = float(binomtest(only_student, only_student + only_rival).pvalue) if only_student + only_rival else 1.0
+    return {"only_student": only_student, "only_rival": only_rival, "p_value": p}
+
+
+def paired_comparisons(cfg: Config, dataset: Dataset, hits: dict[str, dict[str, np.ndarray]]) -> dict[str, Any]:
+    """The main student against each other student of the stage and the generalist (its stored
+    predictions), on the held-out and the test examples: ``{rival: {split: paired(...)}}``."""
+    run = RunDir.of(cfg)
+    rivals = {name: h for name, h in hits.items() if name != "student"}
+    generalist: dict[str, np.ndarray] = {}
+    for split in ("val", "test"):
+        store = StoredPredictions.open(run.generalist, split)
+        labels = dataset.split(split).labels
+        if store.num_examples != len(labels):
+            raise SpecdistillError(f"the generalist's stored {split} predictions ({store.path}) have "
+                                   f"{store.num_examples} rows but the {split} split {len(labels)}; they were "
+                                   "made with other data: rerun the generalist stage (specdistill run CONFIG "
+                                   "--from generalist)")
+        generalist[split] = np.concatenate([block.argmax(1) == labels[rows] for rows, block in store.blocks()])
+    rivals["generalist"] = generalist
+    return {name: {split: paired(hits["student"][split], h[split]) for split in ("val", "test")}
+            for name, h in rivals.items()}
 
 
 def evaluation(cfg: Config, dataset: Dataset, students: dict[str, dict[str, Any]],
@@ -110,6 +144,16 @@ def render_report(result: dict[str, Any]) -> str:
                      f"student keeps {percent(kept)} of that gain (the paper's speech model kept more than 80% "
                      "of a 10-model ensemble's gain). A negative share means the student is below the "
                      "generalist, e.g. because it is smaller.")
+    if result.get("paired"):
+        titles = {**{name: s["title"] for name, s in result["students"].items()}, "generalist": "the generalist"}
+        lines += ["", "On the same examples, the student against each rival: how many only one of the two gets "
+                  "right, and the sign test's p-value on those (a small p: the difference is unlikely to be "
+                  "chance).", "", md_table(
+                      ["rival", "held-out: only the student", "only the rival", "p", "test: only the student",
+                       "only the rival", "p"],
+                      [[titles.get(name, name), *(v for split in ("val", "test") for v in (
+                          c[split]["only_student"], c[split]["only_rival"], f"{c[split]['p_value']:.3f}"))]
+                       for name, c in result["paired"].items()], align="lrrrrrr")]
     for s in result["students"].values():
         if s.get("teacher_consulted"):
             c = s["teacher_consulted"]

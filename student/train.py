@@ -36,7 +36,7 @@ from specdistill.provenance import is_done, mark_done, require_done
 from specdistill.records import CombineResult
 from specdistill.rundir import RunDir
 from student.cache import TeacherCache, build_cache, cache_key, data_fingerprint, load_or_build, tempered_tail_share
-from student.report import evaluation, render_report
+from student.report import evaluation, paired_comparisons, render_report
 from student.teachers import (
     LiveEnsemble,
     describe_teacher,
@@ -159,7 +159,9 @@ def run_student(cfg: Config, force: bool = False, progress: bool = True,
     teachers = TeacherCaches(cfg, run, dataset, resolve_device(cfg.device), progress)
     students = {plan.name: train_and_save(cfg, run, plan, dataset, teachers, progress)
                 for plan in plan_students(cfg)}
+    hits = {name: row.pop("hits") for name, row in students.items()}   # which examples each gets right
     result = evaluation(cfg, dataset, students, teachers.caches, teachers.seconds)
+    result["paired"] = paired_comparisons(cfg, dataset, hits)
     result["seconds"] = time.perf_counter() - started
     write_json(run.student_eval, result)
     write_text(run.student_report, render_report(result))
@@ -234,7 +236,8 @@ class TeacherCaches:
 
 def train_and_save(cfg: Config, run: RunDir, plan: StudentPlan, dataset: Dataset, teachers: TeacherCaches,
                    progress: bool) -> dict[str, Any]:
-    """Train one planned student (resuming its checkpoint), evaluate it, save its weights; its eval row."""
+    """Train one planned student (resuming its checkpoint), evaluate it, save its weights; its eval row, with
+    ``hits`` (which held-out and test examples it gets right) for the paired comparisons."""
     if plan.teacher is not None and plan.teacher != "assistant" and cfg.student.teacher_view == "augmented":
         teacher, key = teachers.live(plan.teacher)
     else:
@@ -243,8 +246,8 @@ def train_and_save(cfg: Config, run: RunDir, plan: StudentPlan, dataset: Dataset
     folder = _run_folder(plan, key, cfg, teachers.fingerprint)
     model, result = train_one(cfg, plan, dataset, teacher, run.student_checkpoints(folder), teachers.device,
                               progress, teacher_key=key)
-    val = evaluate(model, dataset.val, cfg.student.train.eval_batch_size, teachers.device)
-    test = evaluate(model, dataset.test, cfg.student.train.eval_batch_size, teachers.device)
+    val = evaluate(model, dataset.val, cfg.student.train.eval_batch_size, teachers.device, hits=True)
+    test = evaluate(model, dataset.test, cfg.student.train.eval_batch_size, teachers.device, hits=True)
     metrics = {"val_acc": val["acc"], "test_acc": test["acc"], "test_loss": test["loss"],
                "best_epoch": result["best_epoch"], "epochs_run": result["epochs_run"],
                "train_seconds": result["train_seconds"], "images_per_s": result["images_per_s"]}
@@ -257,7 +260,7 @@ def train_and_save(cfg: Config, run: RunDir, plan: StudentPlan, dataset: Dataset
                                        "top_k": cfg.student.cache_top_k})
     print(f"student: {plan.title}: val accuracy {val['acc']:.4f}, test accuracy {test['acc']:.4f}")
     return {"title": plan.title, **{k: meta[k] for k in ("model", "teacher", "loss", "parameters", "macs", "init")},
-            **metrics}
+            **metrics, "hits": {"val": val["hits"], "test": test["hits"]}}
 
 
 @exit_on_error

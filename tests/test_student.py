@@ -394,11 +394,32 @@ def test_mixup_shows_the_live_ensemble_mixed_images_and_keys_its_own_runs(tiny_r
     assert 0 < consulted["share_consulting"] <= 1 and consulted["specialists_per_view"] >= consulted["share_consulting"]
     assert "the ensemble consulted a specialist on" in (cfg.run_path / "student" / "report.md").read_text()
     assert "teacher_consulted" not in result["students"]["hard"]
+    # paired on the same examples: the counts differ exactly as the accuracies do
+    generalist_metrics = read_json(RunDir.of(cfg).generalist_meta)["metrics"]
+    for split, n in (("val", len(data.val)), ("test", len(data.test))):
+        student = result["students"]["student"][f"{split}_acc"]
+        for rival, acc in (("hard", result["students"]["hard"][f"{split}_acc"]),
+                           ("generalist", generalist_metrics[f"{split}_acc"])):
+            c = result["paired"][rival][split]
+            assert c["only_student"] - c["only_rival"] == round((student - acc) * n)
+            assert 0 <= c["p_value"] <= 1
+    assert "only the rival" in (cfg.run_path / "student" / "report.md").read_text()
     assert set(result["students"]) == {"student", "hard"} and result["test_acc"] > 0.25
     plan = plan_students(cfg)[0]
     plain = cfg.model_copy(update={"student": cfg.student.model_copy(update={"mixup": 0.0})})
     assert _run_folder(plan, "k", cfg, "d") != _run_folder(plan, "k", plain, "d")
     assert stage_hash(cfg, "student") != stage_hash(plain, "student")
+
+
+def test_paired_counts_and_sign_test_by_hand():
+    from student.report import paired
+
+    student = np.array([1, 1, 1, 1, 1, 1, 1, 0, 0, 1], bool)
+    rival = np.array([1, 0, 0, 0, 0, 0, 0, 0, 1, 1], bool)
+    c = paired(student, rival)
+    assert (c["only_student"], c["only_rival"]) == (6, 1)
+    assert c["p_value"] == pytest.approx(16 / 128)   # two-sided: P(X <= 1) + P(X >= 6) for X ~ Bin(7, 1/2)
+    assert paired(student, student) == {"only_student": 0, "only_rival": 0, "p_value": 1.0}
 
 
 def test_a_student_started_from_the_generalist_begins_with_its_weights(tiny_run, monkeypatch):
