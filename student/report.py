@@ -161,12 +161,13 @@ def render_report(result: dict[str, Any]) -> str:
                       f"of the {c['views']:,} training views it scored ({c['specialists_per_view']:.2f} specialists "
                       "per view); on the others it is the generalist, so only these views can teach the student "
                       "what the specialists add."]
-    lines += ["", "## Teacher cache", "", md_table(
-        ["teacher", "top-k", "examples", "MB", "mean residual mass",
-         f"tempered mass outside the top k (T={temperature:g})", "seconds to build"],
-        [[kind, c["top_k"], f"{c['num_examples']:,}", c["megabytes"], f"{c['mean_residual_mass']:.2e}",
-          percent(c.get("tail_share_at_temperature")), c["seconds"]] for kind, c in result["cache"].items()],
-        align="lrrrrrr")]
+    if result["cache"]:   # none when every teacher ran live on the student's batches
+        lines += ["", "## Teacher cache", "", md_table(
+            ["teacher", "top-k", "examples", "MB", "mean residual mass",
+             f"tempered mass outside the top k (T={temperature:g})", "seconds to build"],
+            [[kind, c["top_k"], f"{c['num_examples']:,}", c["megabytes"], f"{c['mean_residual_mass']:.2e}",
+              percent(c.get("tail_share_at_temperature")), c["seconds"]] for kind, c in result["cache"].items()],
+            align="lrrrrrr")]
     if any((c.get("tail_share_at_temperature") or 0) > 0.5 for c in result["cache"].values()):
         lines += ["", f"At T={temperature:g} most of the soft targets' mass lies on the classes outside the "
                   "teacher's top k, which the cache stores as an even share: the soft term mostly teaches a "

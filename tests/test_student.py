@@ -403,7 +403,8 @@ def test_mixup_shows_the_live_ensemble_mixed_images_and_keys_its_own_runs(tiny_r
             c = result["paired"][rival][split]
             assert c["only_student"] - c["only_rival"] == round((student - acc) * n)
             assert 0 <= c["p_value"] <= 1
-    assert "only the rival" in (cfg.run_path / "student" / "report.md").read_text()
+    report = (cfg.run_path / "student" / "report.md").read_text()
+    assert "only the rival" in report and "## Teacher cache" not in report   # no cache: every teacher ran live
     assert set(result["students"]) == {"student", "hard"} and result["test_acc"] > 0.25
     plan = plan_students(cfg)[0]
     plain = cfg.model_copy(update={"student": cfg.student.model_copy(update={"mixup": 0.0})})
