@@ -314,14 +314,13 @@ class Distiller(nn.Module):
 
     def compute(self, student: nn.Module, images: torch.Tensor, labels: torch.Tensor,
                 index: torch.Tensor | None) -> tuple[torch.Tensor, LossTerms]:
-        if self.mixup > 0 and student.training:
-            mix = Mix.draw(len(images), self.mixup, images.device)
+        mix = Mix.draw(len(images), self.mixup, images.device) if self.mixup > 0 and student.training else None
+        if mix is not None:
             images = mix.images(images)
-            logits = student(images)
-            soft_labels = mix.probs(F.one_hot(labels, logits.shape[1]).float())
-            return logits, self.loss(logits, self.teacher_targets(images, index, mix), soft_labels)
         logits = student(images)
-        return logits, self.loss(logits, self.teacher_targets(images, index), labels)
+        if mix is not None:
+            labels = mix.probs(F.one_hot(labels, logits.shape[1]).float())
+        return logits, self.loss(logits, self.teacher_targets(images, index, mix), labels)
 
     def forward_train(self, images: torch.Tensor, labels: torch.Tensor,
                       index: torch.Tensor | None = None) -> tuple[torch.Tensor, LossTerms]:
