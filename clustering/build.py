@@ -17,7 +17,7 @@ import numpy as np
 
 from clustering.cluster import ClusterResult, cluster_classes
 from clustering.plots import groups_figure, matrix_figure, save_figure
-from clustering.predictions import Predictions, is_topk_store, load_predictions
+from clustering.predictions import Predictions, is_topk_store, load_predictions, soften
 from specdistill.artifacts import read_json, read_npy
 from specdistill.cli import config_from_args, prepare_run_dir, setup_environment, stage_parser
 from specdistill.config import Config, apply_flags, stage_hash
@@ -74,6 +74,8 @@ def run_clustering(cfg: Config, *, probs_path: str | Path | None = None,
                                f"{source}; choose --k {num_classes} or fewer")
     t0 = time.perf_counter()
     preds = load_predictions(source, top_k=top_k, progress=progress)
+    if ccfg.temperature is not None:
+        preds.probs = soften(preds.probs, ccfg.temperature)
     load_s = time.perf_counter() - t0
     class_names = _class_names(run, preds, probs_path, names_path)
     examples = _class_examples(run, preds.num_classes) if probs_path is None else None
@@ -99,7 +101,8 @@ def run_clustering(cfg: Config, *, probs_path: str | Path | None = None,
     timings = {"load_s": load_s, **result.timings, "plots_s": plots_s,
                "total_s": time.perf_counter() - began}
     params = {"k": ccfg.k, "backend": ccfg.backend, "matrix": ccfg.matrix, "size": ccfg.size,
-              "min_size": ccfg.min_size, "max_size": ccfg.max_size, "top_k": top_k, "sketch_dim": sketch_dim,
+              "min_size": ccfg.min_size, "max_size": ccfg.max_size,
+              "temperature": ccfg.temperature, "top_k": top_k, "sketch_dim": sketch_dim,
               "seed": seed, "n_init": ccfg.n_init, "max_iter": ccfg.max_iter}
     clusters = clusters_json(result, class_names, preds, params, timings)
     clusters.write(run.clusters)
@@ -135,13 +138,18 @@ def _large(details: dict) -> str:
     return f", {n} larger than max_size={details['params']['max_size']} left to the generalist" if n else ""
 
 
+def _softened(details: dict) -> str:
+    temperature = details["params"].get("temperature")
+    return f" of the predictions softened at T={temperature:g}" if temperature is not None else ""
+
+
 def _print_summary(clusters: Clusters, run: RunDir) -> None:
     d = clusters.details
     cov, sizes = d["coverage"], d["coverage"]["group_sizes"]
     hist = ", ".join(f"{n}: {c}" for n, c in cov["histogram"].items())
     print(f"clustering: {len(clusters.groups)} groups of {sizes['min']}-{sizes['max']} classes "
           f"(mean {sizes['mean']:.1f}; {d['kmeans']['dropped_small']} smaller than min_size "
-          f"dropped{_large(d)}) over {clusters.num_classes} classes, matrix={d['matrix']}, "
+          f"dropped{_large(d)}) over {clusters.num_classes} classes, matrix={d['matrix']}{_softened(d)}, "
           f"{d['timings']['total_s']:.1f}s")
     print(f"clustering: classes covered by n groups -> {hist}")
     figures = ", ".join(run.clustering_figure(name).name for name in ("covariance", "groups"))
@@ -239,6 +247,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--min-size", help="drop k-means groups with fewer classes than this")
     parser.add_argument("--max-size", help="drop k-means groups with more classes than this (they stay with the "
                         "generalist: a giant group is the classes it never confuses)")
+    parser.add_argument("--temperature", help="soften the predictions, softmax(logits / T), before the matrix: "
+                        "T = 2 finds groups where a well-trained generalist's rows are near one-hot")
     parser.add_argument("--top-k", help="keep each row's top-k probabilities (sparse path)")
     parser.add_argument("--sketch-dim", help="cluster a Gaussian sketch of this many dimensions")
     parser.add_argument("--seed", help="k-means seed (default: the experiment seed)")
@@ -246,7 +256,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 _FLAG_KEYS = {"k": "k", "backend": "backend", "matrix": "matrix", "size": "size", "min_size": "min_size",
-              "max_size": "max_size", "top_k": "top_k", "sketch_dim": "sketch_dim", "seed": "seed"}
+              "max_size": "max_size",
+              "temperature": "temperature", "top_k": "top_k", "sketch_dim": "sketch_dim", "seed": "seed"}
 
 
 @exit_on_error

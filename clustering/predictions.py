@@ -59,6 +59,31 @@ def load_predictions(path: str | Path, top_k: int | None = None, progress: bool 
     return Predictions(probs, str(path), was_log)
 
 
+def soften(probs: np.ndarray | sp.csr_matrix, temperature: float) -> np.ndarray | sp.csr_matrix:
+    """Each row raised to ``1 / temperature`` and renormalised: the softmax of the logits divided by the
+    temperature (paper section 2), which lifts a sharp generalist's second choices. A top-k (CSR) row is
+    renormalised over its stored entries; the mass beyond them was already dropped."""
+    if temperature == 1.0:
+        return probs
+    if sp.issparse(probs):
+        out = probs.copy()
+        out.data = np.power(out.data, 1.0 / temperature, dtype=np.float32)
+        sums = np.asarray(out.sum(axis=1), dtype=np.float32).ravel()
+        out.data /= np.repeat(np.maximum(sums, np.finfo(np.float32).tiny), np.diff(out.indptr))
+        return out
+    out = np.empty_like(probs, dtype=np.float32)
+    for rows in _row_chunks_of(probs.shape):
+        block = np.power(probs[rows], 1.0 / temperature, dtype=np.float32)
+        out[rows] = block / block.sum(axis=1, keepdims=True)
+    return out
+
+
+def _row_chunks_of(shape: tuple) -> list[slice]:
+    n, k = shape
+    rows_per_chunk = max(1, _CHUNK_BYTES // (k * 4))
+    return [slice(s, min(s + rows_per_chunk, n)) for s in range(0, n, rows_per_chunk)]
+
+
 def is_topk_store(path: str | Path) -> bool:
     """A top-k predictions file of ``specdistill.predictions`` (not a scipy sparse .npz)."""
     path = Path(path)
@@ -80,8 +105,7 @@ def check_dense(array: np.ndarray, name: str, top_k: int | None = None,
         raise SpecdistillError(f"{name} holds {array.dtype} values; expected floating-point "
                                "probabilities or log-probabilities")
     n, k = array.shape
-    rows_per_chunk = max(1, _CHUNK_BYTES // (k * 4))
-    chunks = [slice(s, min(s + rows_per_chunk, n)) for s in range(0, n, rows_per_chunk)]
+    chunks = _row_chunks_of(array.shape)
     # pass 1: decide probabilities vs log-probabilities from the value range
     lowest, highest = np.inf, -np.inf
     for rows in chunks:

@@ -14,7 +14,7 @@ from clustering.build import main
 from clustering.cluster import cluster_classes
 from clustering.matrices import MATRIX_KINDS, PredictionMatrix
 from clustering.overlap import coverage, drop_small, groups_from_labels
-from clustering.predictions import check_dense, check_sparse
+from clustering.predictions import check_dense, check_sparse, soften
 from specdistill.artifacts import write_json, write_npy
 from specdistill.config import Config, stage_hash
 from specdistill.provenance import mark_done
@@ -144,6 +144,29 @@ def test_max_size_leaves_the_classes_the_generalist_never_confuses_with_it(plant
         cluster_classes(probs, 21, backend="sklearn", seed=0, progress=False, max_size=3)
 
 
+def test_temperature_finds_the_groups_of_a_sharp_generalist(planted):
+    """A well-trained generalist: the planted rows raised to the power 8 and renormalised (the logits
+    times 8, the same top-1 on every row). Its second choices sit so far below the first that k-means
+    makes one giant group and the planted groups are lost; softening at T = 8 gives them back, dense or
+    top-k, and a softened row is still a probability row with the same top class."""
+    sharp = soften(planted.probs, 1 / 8)
+    assert (sharp.argmax(1) == planted.probs.argmax(1)).all() and sharp.max(1).mean() > 0.95
+    raw = cluster_classes(sharp, 20, backend="sklearn", seed=0, progress=False)
+    assert adjusted_rand_score(planted.group_of, raw.labels) < 0.5 and max(len(g) for g in raw.groups) > 20
+    soft = soften(sharp, 8)
+    np.testing.assert_allclose(soft.sum(1), 1.0, atol=1e-5)
+    assert (soft.argmax(1) == sharp.argmax(1)).all()
+    found = cluster_classes(soft, 20, backend="sklearn", seed=0, progress=False)
+    assert adjusted_rand_score(planted.group_of, found.labels) >= 0.9
+    top = check_sparse(sp.csr_matrix(sharp), "s", top_k=8)
+    soft_top = soften(top, 8)
+    assert sp.issparse(soft_top) and soft_top.nnz == top.nnz
+    np.testing.assert_allclose(np.asarray(soft_top.sum(1)).ravel(), 1.0, atol=1e-5)
+    found_top = cluster_classes(soft_top, 20, backend="sklearn", seed=0, progress=False)
+    assert adjusted_rand_score(planted.group_of, found_top.labels) >= 0.9
+    assert soften(sharp, 1.0) is sharp
+
+
 def test_log_probabilities_detected_and_equivalent(planted):
     probs, was_log = check_dense(planted.probs, "p", progress=False)
     log_probs, was_log2 = check_dense(np.log(planted.probs), "lp", progress=False)
@@ -202,6 +225,9 @@ def test_cli_end_to_end_on_a_run_directory(tmp_path, capsys):
     assert "already done" in capsys.readouterr().out
     main(["--run-dir", str(run), "--k", "10"])  # a changed flag redoes the stage
     assert len(json.loads((out / "clusters.json").read_text())["groups"]) <= 10
+    main(["--run-dir", str(run), "--temperature", "2"])
+    assert json.loads((out / "clusters.json").read_text())["params"]["temperature"] == 2.0
+    assert "softened at T=2" in capsys.readouterr().out
 
 
 def test_cli_with_own_probabilities_file_and_names(tmp_path, planted):
