@@ -1,0 +1,95 @@
+"""Systems of different runs on the same held-out and test examples: accuracy, and each against the first.
+
+    python benchmarks/compare_runs.py configs/hanzi-1k.yaml \\
+        "generalist 20 ep=/work/runs/h1k-g20/generalist/preds-{split}.npy" \\
+        "ensemble=/work/runs/h1k-g20/combine/preds-{split}.npy" \\
+        "student=/work/runs/h1k-mix/student/model.safetensors"
+
+A system is ``NAME=PATH``: stored predictions (``.npy``, one row per example of the split, ``{split}``
+in the path stands for ``val`` or ``test``), or a classifier written by the project
+(``.safetensors``: a generalist, specialist-free student or baseline), which is run on the config's
+data. Every pair is compared on the same examples: how many only the first system gets right, how
+many only the other, and the two-sided sign test on those (``student.report.paired``), the test that
+the student report uses within one run. The runs must share the config's data (same source, classes
+and splits); a file with another number of rows stops with one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from specdistill.artifacts import read_npy  # noqa: E402
+from specdistill.config import load_config  # noqa: E402
+from specdistill.data import load_data  # noqa: E402
+from specdistill.engine import predict_logits  # noqa: E402
+from specdistill.errors import SpecdistillError, exit_on_error  # noqa: E402
+from specdistill.models import load_classifier  # noqa: E402
+from student.report import paired  # noqa: E402
+
+SPLITS = {"val": "held-out", "test": "test"}
+
+
+def predictions(path: str, split: str, images: np.ndarray, batch_size: int) -> np.ndarray:
+    """Top-1 class per example of ``split``: from stored predictions or by running a classifier."""
+    file = Path(path.replace("{split}", split))
+    if not file.is_file():
+        raise SpecdistillError(f"{file} not found; give stored predictions (.npy, '{{split}}' for val/test) "
+                               "or a classifier (.safetensors)")
+    if file.suffix == ".safetensors":
+        model, _ = load_classifier(file)
+        return predict_logits(model, images, batch_size, torch.device("cpu")).argmax(1).numpy()
+    return np.asarray(read_npy(file, mmap=True)).argmax(1)
+
+
+@exit_on_error
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("config", help="the config whose data every system was evaluated on")
+    parser.add_argument("systems", nargs="+", help="NAME=PATH; the first is compared with each other")
+    parser.add_argument("--batch-size", type=int, default=512)
+    args = parser.parse_args(argv)
+    systems = []
+    for item in args.systems:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise SpecdistillError(f"system {item!r} is not NAME=PATH; e.g. 'ensemble=RUN/combine/preds-{{split}}.npy'")
+        systems.append((name, path))
+    cfg = load_config(args.config)
+    dataset = load_data(cfg.data, cfg.seed)
+    right: dict[str, dict[str, np.ndarray]] = {name: {} for name, _ in systems}
+    for split in SPLITS:
+        data = dataset.split(split)
+        labels = np.asarray(data.labels)
+        for name, path in systems:
+            top1 = predictions(path, split, data.images, args.batch_size)
+            if len(top1) != len(labels):
+                raise SpecdistillError(f"{name}: {len(top1)} {split} predictions but the config's {split} split has "
+                                       f"{len(labels)} examples; compare runs made on the same data")
+            right[name][split] = top1 == labels
+
+    first = systems[0][0]
+    print(f"{len(right[first]['val'])} held-out and {len(right[first]['test'])} test examples ({cfg.name})\n")
+    print("| System | " + " | ".join(f"{label} accuracy" for label in SPLITS.values()) + " |")
+    print("|---|" + "---:|" * len(SPLITS))
+    for name, _ in systems:
+        print(f"| {name} | " + " | ".join(f"{right[name][s].mean():.2%}" for s in SPLITS) + " |")
+    print(f"\n| {first} against | " + " | ".join(f"{label}: only {first} / only other (p)" for label in SPLITS.values())
+          + " |")
+    print("|---|" + "---:|" * len(SPLITS))
+    for name, _ in systems[1:]:
+        cells = []
+        for split in SPLITS:
+            p = paired(right[first][split], right[name][split])
+            cells.append(f"{p['only_student']} / {p['only_rival']} (p = {p['p_value']:.3g})")
+        print(f"| {name} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,57 @@
+"""benchmarks/compare_runs.py: systems of different runs compared on the same examples."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from specdistill.config import load_config
+from specdistill.data import load_data
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "tests" / "configs" / "tiny.yaml")
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("compare_runs", ROOT / "benchmarks" / "compare_runs.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _one_hot(labels: np.ndarray, wrong: np.ndarray, num_classes: int) -> np.ndarray:
+    top = labels.copy()
+    top[wrong] = (labels[wrong] + 1) % num_classes
+    return np.log(np.eye(num_classes, dtype=np.float32)[top] * 0.9 + 0.1 / num_classes)
+
+
+def test_counts_what_only_each_system_gets_right(tmp_path, capsys):
+    cfg = load_config(TINY)
+    dataset = load_data(cfg.data, cfg.seed)
+    k = cfg.data.num_classes
+    for split in ("val", "test"):
+        labels = np.asarray(dataset.split(split).labels)
+        n = len(labels)
+        a_wrong, b_wrong = np.zeros(n, bool), np.zeros(n, bool)
+        a_wrong[:10] = True            # A misses 10, B misses 3 of those and 30 others
+        b_wrong[7:40] = True
+        np.save(tmp_path / f"a-{split}.npy", _one_hot(labels, a_wrong, k))
+        np.save(tmp_path / f"b-{split}.npy", _one_hot(labels, b_wrong, k))
+    _script().main([TINY, f"A={tmp_path}/a-{{split}}.npy", f"B={tmp_path}/b-{{split}}.npy"])
+    out = capsys.readouterr().out
+    n_val = len(dataset.split("val").labels)
+    assert f"| A | {1 - 10 / n_val:.2%} |" in out
+    assert out.count("| B | 30 / 7 (p = ") == 1 and "p = 0.000" in out.split("| B | 30 / 7")[1]
+
+
+def test_a_file_of_another_run_size_is_one_line(tmp_path, capsys):
+    np.save(tmp_path / "x-val.npy", np.zeros((5, 24), np.float32))
+    np.save(tmp_path / "x-test.npy", np.zeros((5, 24), np.float32))
+    with pytest.raises(SystemExit) as exit_info:
+        _script().main([TINY, f"X={tmp_path}/x-{{split}}.npy"])
+    assert exit_info.value.code != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "5 val predictions" in err[0] and "same data" in err[0]
