@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     systems = []
     for item in args.systems:
-        name, sep, path = item.partition("=")
+        name, sep, path = item.rpartition("=")   # a name may hold "=" (T=2), a path seldom does
         if not sep or not name or not path:
             raise SpecdistillError(f"system {item!r} is not NAME=PATH; e.g. 'ensemble=RUN/combine/preds-{{split}}.npy'")
         systems.append((name, path))

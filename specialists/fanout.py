@@ -95,8 +95,6 @@ def load_inputs(cfg: Config, run: RunDir) -> dict[str, Any]:
                 raise SpecdistillError(f"group {group['id']} has no training examples (classes "
                                        f"{group['classes'][:5]}); check data.limit or rerun clustering")
     generalist = {"tensors": {k: v.numpy() for k, v in tensors.items()}, "meta": meta}
-    if data is not None:
-        data = with_train_top(cfg, data, generalist)
     return {"generalist": generalist, "generalist_identity": generalist_identity(run.generalist), "groups": groups,
             "data": data}
 
@@ -196,6 +194,8 @@ def run_specialists(cfg: Config, force: bool = False, progress: bool = True, add
                                "resubmitted": 0}
     if todo:
         print(f"specialists: {len(todo)} to train, {summary['skipped']} already finished -> {spec_dir}", flush=True)
+        if inputs["data"] is not None:   # only when something is left to train (a pass over the training split)
+            inputs["data"] = with_train_top(cfg, inputs["data"], inputs["generalist"])
         target = address if address is not None else cfg.specialists.ray_address
         started = connect_ray(target)
         watch = ClusterWatch(gcs_address(target)).start()   # a lost cluster: one line, not a hang
