@@ -155,7 +155,7 @@ class ClusteringConfig(_Section):
     # soften the held-out predictions before the matrix, p ** (1 / T) renormalised (softmax of the logits / T):
     # a converged generalist's rows are near one-hot, its second choices (the confusions that make groups) sit
     # orders of magnitude below the top one and k-means lumps most classes into giant groups; T = 2 brings them up
-    # (hanzi-1k, 20-epoch generalist: 40 groups of 12-50 classes instead of 512 + 301 + 35 small ones). None = as stored
+    # (hanzi-1k, 20-epoch generalist: 40 groups of 11-50 classes instead of 512 + 301 + 35 small ones). None = as stored
     temperature: float | None = Field(None, gt=0.0)
     top_k: int | None = Field(None, ge=1)       # sparse path: keep the top-k probabilities per row
     sketch_dim: int | None = Field(None, ge=2)  # low-rank path: cluster a sketch of the columns
