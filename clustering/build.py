@@ -256,8 +256,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 _FLAG_KEYS = {"k": "k", "backend": "backend", "matrix": "matrix", "size": "size", "min_size": "min_size",
-              "max_size": "max_size",
-              "temperature": "temperature", "top_k": "top_k", "sketch_dim": "sketch_dim", "seed": "seed"}
+              "max_size": "max_size", "temperature": "temperature", "top_k": "top_k", "sketch_dim": "sketch_dim",
+              "seed": "seed"}
 
 
 @exit_on_error
