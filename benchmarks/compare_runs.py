@@ -1,23 +1,27 @@
 """Systems of different runs on the same held-out and test examples: accuracy, and each against the first.
 
     python benchmarks/compare_runs.py configs/hanzi-1k.yaml \\
-        "generalist 20 ep=/work/runs/h1k-g20/generalist/preds-{split}.npy" \\
-        "ensemble=/work/runs/h1k-g20/combine/preds-{split}.npy" \\
-        "student=/work/runs/h1k-mix/student/model.safetensors"
+        "generalist=runs/h1k/generalist/preds-{split}.npy" \\
+        "ensemble=runs/h1k/combine/preds-{split}.npy" \\
+        "2 generalists=runs/h1k/generalist/preds-{split}.npy+runs/h1k-seed1/generalist/preds-{split}.npy" \\
+        "student=runs/h1k/student/model.safetensors"
 
-A system is ``NAME=PATH``: stored predictions (``.npy``, one row per example of the split, ``{split}``
-in the path stands for ``val`` or ``test``), or a classifier written by the project
-(``.safetensors``: a generalist, specialist-free student or baseline), which is run on the config's
-data. Every pair is compared on the same examples: how many only the first system gets right, how
-many only the other, and the two-sided sign test on those (``student.report.paired``), the test that
-the student report uses within one run. The runs must share the config's data (same source, classes
-and splits); a file with another number of rows stops with one line.
+A system is ``NAME=PATH``: stored log-probabilities (``.npy`` dense, or a top-k ``.npz`` as the
+generalist writes at large K; ``{split}`` in the path stands for ``val`` or ``test``), or a classifier
+written by the project (``.safetensors``: a generalist, specialist-free student or baseline), which is
+run on the config's data. ``PATH+PATH+...`` is the mean of their probabilities (an ensemble of
+generalists, the rival a user weighs against specialists). Every pair is compared on the same
+examples: how many only the first system gets right, how many only the other, and the two-sided sign
+test on those (``student.report.paired``), the test that the student report uses within one run. The
+runs must share the config's data (same source, classes and splits); a file with another number of
+rows or classes stops with one line.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -25,27 +29,49 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from specdistill.artifacts import read_npy  # noqa: E402
 from specdistill.config import load_config  # noqa: E402
 from specdistill.data import load_data  # noqa: E402
 from specdistill.engine import predict_logits  # noqa: E402
 from specdistill.errors import SpecdistillError, exit_on_error  # noqa: E402
 from specdistill.models import load_classifier  # noqa: E402
+from specdistill.predictions import StoredPredictions, block_rows  # noqa: E402
 from student.report import paired  # noqa: E402
 
 SPLITS = {"val": "held-out", "test": "test"}
 
 
-def predictions(path: str, split: str, images: np.ndarray, batch_size: int) -> np.ndarray:
-    """Top-1 class per example of ``split``: from stored predictions or by running a classifier."""
+def log_prob_blocks(name: str, path: str, split: str, images: np.ndarray, batch_size: int,
+                    num_classes: int) -> Iterator[np.ndarray]:
+    """One part's log-probabilities for ``split`` in blocks of :func:`block_rows` rows, after checking
+    that it has one row per example and one column per class of the config."""
     file = Path(path.replace("{split}", split))
     if not file.is_file():
-        raise SpecdistillError(f"{file} not found; give stored predictions (.npy, '{{split}}' for val/test) "
-                               "or a classifier (.safetensors)")
+        raise SpecdistillError(f"{file} not found; give stored predictions (.npy or top-k .npz, '{{split}}' for "
+                               "val/test) or a classifier (.safetensors)")
     if file.suffix == ".safetensors":
         model, _ = load_classifier(file)
-        return predict_logits(model, images, batch_size, torch.device("cpu")).argmax(1).numpy()
-    return np.asarray(read_npy(file, mmap=True)).argmax(1)
+        array = torch.log_softmax(predict_logits(model, images, batch_size, torch.device("cpu")).float(), 1).numpy()
+        rows, classes = array.shape
+        blocks = (array[start:start + block_rows(classes)] for start in range(0, rows, block_rows(classes)))
+    else:
+        stored = StoredPredictions.read(file)
+        rows, classes = stored.num_examples, stored.num_classes
+        blocks = (block for _, block in stored.blocks(block_rows(classes)))
+    if rows != len(images) or classes != num_classes:
+        raise SpecdistillError(f"{name}: {file} holds {rows} {split} predictions over {classes} classes but the "
+                               f"config's {split} split has {len(images)} examples of {num_classes} classes; "
+                               "compare runs made on the same data")
+    return blocks
+
+
+def predictions(name: str, path: str, split: str, images: np.ndarray, batch_size: int, num_classes: int) -> np.ndarray:
+    """Top-1 class per example of ``split`` for the system ``path`` (parts joined by '+' averaged in
+    probability), block by block so that large K stays in bounded memory."""
+    parts = [log_prob_blocks(name, part, split, images, batch_size, num_classes) for part in path.split("+")]
+    if len(parts) == 1:
+        return np.concatenate([block.argmax(1) for block in parts[0]] or [np.zeros(0, np.int64)])
+    return np.concatenate([sum(np.exp(block.astype(np.float64)) for block in blocks).argmax(1)
+                           for blocks in zip(*parts, strict=True)] or [np.zeros(0, np.int64)])
 
 
 @exit_on_error
@@ -59,7 +85,8 @@ def main(argv: list[str] | None = None) -> None:
     for item in args.systems:
         name, sep, path = item.rpartition("=")   # a name may hold "=" (T=2), a path seldom does
         if not sep or not name or not path:
-            raise SpecdistillError(f"system {item!r} is not NAME=PATH; e.g. 'ensemble=RUN/combine/preds-{{split}}.npy'")
+            raise SpecdistillError(f"system {item!r} is not NAME=PATH; e.g. 'ensemble=RUN/combine/preds-{{split}}.npy' "
+                                   "or 'pair=A/generalist/preds-{split}.npy+B/generalist/preds-{split}.npy'")
         systems.append((name, path))
     cfg = load_config(args.config)
     dataset = load_data(cfg.data, cfg.seed)
@@ -68,10 +95,7 @@ def main(argv: list[str] | None = None) -> None:
         data = dataset.split(split)
         labels = np.asarray(data.labels)
         for name, path in systems:
-            top1 = predictions(path, split, data.images, args.batch_size)
-            if len(top1) != len(labels):
-                raise SpecdistillError(f"{name}: {len(top1)} {split} predictions but the config's {split} split has "
-                                       f"{len(labels)} examples; compare runs made on the same data")
+            top1 = predictions(name, path, split, data.images, args.batch_size, cfg.data.num_classes)
             right[name][split] = top1 == labels
 
     first = systems[0][0]

@@ -41,6 +41,11 @@ def dense_bytes(num_examples: int, num_classes: int) -> int:
     return 4 * int(num_examples) * int(num_classes)
 
 
+def block_rows(num_classes: int) -> int:
+    """Rows of a dense float32 block of about ``_BLOCK_BYTES`` at ``num_classes`` columns."""
+    return max(1, _BLOCK_BYTES // max(1, 4 * num_classes))
+
+
 def _size(nbytes: float) -> str:
     return f"{nbytes / 2**30:.1f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
 
@@ -187,10 +192,25 @@ class StoredPredictions:
         if not dense_path.exists():
             raise SpecdistillError(f"missing file {dense_path} (nor {topk_path.name}); run the stage that "
                                    "writes it first")
-        array = read_npy(dense_path, mmap=True)
+        return cls.read_dense(dense_path)
+
+    @classmethod
+    def read(cls, path: str | os.PathLike) -> StoredPredictions:
+        """One stored predictions file of either form: ``.npy`` (dense) or ``.npz`` (top-k)."""
+        path = Path(path)
+        if path.suffix == ".npz":
+            return cls.read_topk(path)
+        if path.suffix == ".npy":
+            return cls.read_dense(path)
+        raise SpecdistillError(f"{path} is not a predictions file; expected .npy (dense) or .npz (top-k)")
+
+    @classmethod
+    def read_dense(cls, path: str | os.PathLike) -> StoredPredictions:
+        path = Path(path)
+        array = read_npy(path, mmap=True)
         if array.ndim != 2:
-            raise SpecdistillError(f"{dense_path} has shape {array.shape}; expected [N, K]: rerun its stage")
-        return cls(dense_path, "dense", array.shape[0], array.shape[1], array=array)
+            raise SpecdistillError(f"{path} has shape {array.shape}; expected [N, K]: rerun its stage")
+        return cls(path, "dense", array.shape[0], array.shape[1], array=array)
 
     @classmethod
     def read_topk(cls, path: str | os.PathLike) -> StoredPredictions:
@@ -234,7 +254,7 @@ class StoredPredictions:
 
     def blocks(self, rows_per_block: int | None = None) -> Iterator[tuple[slice, np.ndarray]]:
         """Dense float32 [b, K] log-probability blocks over all rows (top-k rows expanded)."""
-        rows_per_block = rows_per_block or max(1, _BLOCK_BYTES // max(1, 4 * self.num_classes))
+        rows_per_block = rows_per_block or block_rows(self.num_classes)
         for start in range(0, self.num_examples, rows_per_block):
             rows = slice(start, min(start + rows_per_block, self.num_examples))
             yield rows, (np.array(self._array[rows], dtype=np.float32) if self.form == "dense"

@@ -55,3 +55,51 @@ def test_a_file_of_another_run_size_is_one_line(tmp_path, capsys):
     assert exit_info.value.code != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "5 val predictions" in err[0] and "same data" in err[0]
+
+
+def _rows(labels: np.ndarray, unsure_wrong: np.ndarray, num_classes: int) -> np.ndarray:
+    """Log-probabilities: 0.9 on the label, or 0.55 on the next class and 0.45 on the label."""
+    probs = np.full((len(labels), num_classes), 1e-6, np.float32)
+    probs[np.arange(len(labels)), labels] = 0.9
+    wrong = np.flatnonzero(unsure_wrong)
+    probs[wrong, labels[wrong]] = 0.45
+    probs[wrong, (labels[wrong] + 1) % num_classes] = 0.55
+    return np.log(probs / probs.sum(1, keepdims=True))
+
+
+def test_a_sum_of_paths_is_the_mean_of_their_probabilities_and_top_k_files_are_read(tmp_path, capsys):
+    from specdistill.predictions import write_predictions
+
+    cfg = load_config(TINY)
+    dataset = load_data(cfg.data, cfg.seed)
+    k = cfg.data.num_classes
+    for split in ("val", "test"):
+        labels = np.asarray(dataset.split(split).labels)
+        n = len(labels)
+        a_wrong, b_wrong = np.zeros(n, bool), np.zeros(n, bool)
+        a_wrong[:20] = True            # unsure and wrong; the other is sure and right there, except on 15..19
+        b_wrong[15:40] = True
+        np.save(tmp_path / f"a-{split}.npy", _rows(labels, a_wrong, k))
+        write_predictions(tmp_path / "b", split, [_rows(labels, b_wrong, k)], n, k, "topk", 3)
+    assert (tmp_path / "b" / "preds-val-topk.npz").exists()
+    _script().main([TINY, f"A={tmp_path}/a-{{split}}.npy", f"B={tmp_path}/b/preds-{{split}}-topk.npz",
+                    f"A and B={tmp_path}/a-{{split}}.npy+{tmp_path}/b/preds-{{split}}-topk.npz"])
+    out = capsys.readouterr().out
+    n_test = len(dataset.split("test").labels)
+    assert f"| B | {1 - 25 / len(dataset.split('val').labels):.2%} |" in out
+    assert f"| A and B | {1 - 5 / len(dataset.split('val').labels):.2%} | {1 - 5 / n_test:.2%} |" in out
+    # A against the pair: the pair is right on the 15 A misses that B gets, wrong on none A gets right
+    assert out.count("| A and B | 0 / 15 (p = ") == 1
+
+
+def test_parts_of_another_class_count_are_one_line(tmp_path, capsys):
+    cfg = load_config(TINY)
+    dataset = load_data(cfg.data, cfg.seed)
+    for split in ("val", "test"):
+        n = len(dataset.split(split).labels)
+        np.save(tmp_path / f"x-{split}.npy", np.zeros((n, cfg.data.num_classes + 1), np.float32))
+    with pytest.raises(SystemExit) as exit_info:
+        _script().main([TINY, f"X={tmp_path}/x-{{split}}.npy"])
+    assert exit_info.value.code != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"over {cfg.data.num_classes + 1} classes" in err[0]
