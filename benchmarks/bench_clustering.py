@@ -4,6 +4,8 @@
     python benchmarks/bench_clustering.py matrices    # which matrix recovers planted groups (ARI)
     python benchmarks/bench_clustering.py backends    # sklearn / minibatch / faiss: ARI and time
     python benchmarks/bench_clustering.py run-dir runs/x   # matrices on a real run's held-out split
+    python benchmarks/bench_clustering.py temperatures runs/x --config configs/hanzi-1k.yaml \\
+        --temperatures 1 2 3 4 6 --k 40 100            # clustering.temperature for a confident generalist
 
 Synthetic predictions come from ``testkit.synthetic_predictions`` (planted groups, class
 frequencies spread log-normally). Times are wall-clock on a shared machine: compare the ratios
@@ -18,13 +20,15 @@ import time
 from pathlib import Path
 
 import numpy as np
+import scipy.sparse as sp
 from sklearn.metrics import adjusted_rand_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from clustering.cluster import cluster_classes  # noqa: E402
 from clustering.matrices import MATRIX_KINDS  # noqa: E402
-from clustering.predictions import check_dense, check_sparse  # noqa: E402
+from clustering.predictions import check_dense, check_sparse, soften  # noqa: E402
+from specdistill.config import load_config  # noqa: E402
 from specdistill.predictions import StoredPredictions  # noqa: E402
 from specdistill.rundir import RunDir  # noqa: E402
 from testkit.synthetic_predictions import make_synthetic_predictions  # noqa: E402
@@ -144,15 +148,36 @@ def backends(args: argparse.Namespace) -> None:
               f"| {adjusted_rand_score(synth.group_of, runs[0].labels):.3f} | {same} |", flush=True)
 
 
-def run_dir(args: argparse.Namespace) -> None:
-    """Matrices on a real run: build groups on one half of the held-out split, then count on the
-    other half how many of the generalist's errors (true class, predicted class) fall inside one
-    group: only those can a specialist fix. A proxy until specialists are trained per matrix."""
-    run = RunDir.at(args.path)
-    stored = StoredPredictions.open(run.generalist, "val")   # dense, or top-k (a CSR of the top probabilities)
+def _held_out(path: str) -> tuple[RunDir, np.ndarray | sp.csr_matrix, np.ndarray]:
+    """A run's held-out generalist probabilities (dense, or CSR of the top-k form) and labels."""
+    run = RunDir.at(path)
+    stored = StoredPredictions.open(run.generalist, "val")
     labels = np.load(run.generalist_labels("val"), allow_pickle=False)
     probs = (check_dense(stored.dense(), stored.path.name, None, False)[0] if stored.form == "dense"
              else check_sparse(stored.sparse_probs(), stored.path.name))
+    return run, probs, labels
+
+
+def _members(groups: list[np.ndarray], num_classes: int) -> np.ndarray:
+    member = np.zeros((len(groups), num_classes), dtype=bool)
+    for m, group in enumerate(groups):
+        member[m, group] = True
+    return member
+
+
+def _caught(groups: list[np.ndarray], probs, labels: np.ndarray) -> float:
+    """Share of the generalist's errors whose true and predicted class share a group."""
+    member = _members(groups, probs.shape[1])
+    predicted = np.asarray(probs.argmax(1)).ravel()
+    wrong = predicted != labels
+    return float((member[:, labels[wrong]] & member[:, predicted[wrong]]).any(0).mean()) if wrong.any() \
+        else float("nan")
+
+
+def run_dir(args: argparse.Namespace) -> None:
+    """Which matrix gives groups that hold the generalist's held-out errors: an error whose true and
+    predicted class share a group: only those can a specialist fix. A proxy until specialists are trained per matrix."""
+    run, probs, labels = _held_out(args.path)
     rng = np.random.default_rng(args.seed)
     order = rng.permutation(len(labels))
     halves = [order[: len(order) // 2], order[len(order) // 2:]]
@@ -166,20 +191,54 @@ def run_dir(args: argparse.Namespace) -> None:
         for build, score in (halves, halves[::-1]):
             result = cluster_classes(probs[build], args.k, matrix=kind, backend=args.backend,
                                      seed=args.seed, size=args.size, min_size=2, progress=False)
-            member = np.zeros((len(result.groups), probs.shape[1]), dtype=bool)
-            for m, group in enumerate(result.groups):
-                member[m, group] = True
-            predicted = np.asarray(probs[score].argmax(1)).ravel()
-            wrong = predicted != labels[score]
-            shared = (member[:, labels[score][wrong]] & member[:, predicted[wrong]]).any(0)
-            caught.append(shared.mean() if wrong.any() else float("nan"))
+            caught.append(_caught(result.groups, probs[score], labels[score]))
             sizes.append(np.mean([len(g) for g in result.groups]))
             uncovered.append(result.coverage["uncovered"])
         print(f"| {kind} | {np.nanmean(caught):.3f} | {np.mean(sizes):.1f} | {np.mean(uncovered):.0f} |",
               flush=True)
 
 
-def main() -> None:
+def temperatures(args: argparse.Namespace) -> None:
+    """The groups k-means finds in a run's held-out predictions softened at each temperature, with the
+    rest of the clustering settings from ``--config`` (as ``python -m clustering.build --temperature T``
+    would build them): a near one-hot generalist leaves most classes without a confusion signal and
+    k-means then puts them in a few giant groups (dropped by max_size, left to the generalist). The
+    last columns are the proxy that chose hanzi-1k's T = 2: the share of the generalist's held-out
+    errors whose true and predicted class share a group, on the rows clustered and, 2-fold, on rows not."""
+    cfg = load_config(args.config)
+    ccfg = cfg.clustering
+    run, probs, labels = _held_out(args.path)
+    num_classes = probs.shape[1]
+    seed = args.seed if args.seed is not None else (cfg.seed if ccfg.seed is None else ccfg.seed)
+    order = np.random.default_rng(seed).permutation(len(labels))
+    halves = [order[: len(order) // 2], order[len(order) // 2:]]
+    size = ccfg.size if args.size is None else (args.size or None)
+    print(f"## temperatures {run.root}: {len(labels)} held-out rows, {num_classes} classes; matrix={ccfg.matrix}, "
+          f"min_size={ccfg.min_size}, max_size={ccfg.max_size}, size={size}, seed={seed}\n")
+    print("| T | k | groups kept | dropped as too large (classes) | largest kept | median | classes covered | "
+          "errors inside one group | the same, 2-fold |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+
+    def build(rows, k):
+        return cluster_classes(rows, k, matrix=ccfg.matrix, backend=ccfg.backend, seed=seed, n_init=ccfg.n_init,
+                               max_iter=ccfg.max_iter, size=size, min_size=ccfg.min_size, max_size=ccfg.max_size,
+                               progress=False)
+
+    for temperature in args.temperatures:
+        soft = soften(probs, temperature)
+        for k in args.k:
+            result = build(soft, k)
+            cores = sorted((len(c) for c in result.cores), reverse=True)
+            kmeans_sizes = np.bincount(result.labels, minlength=k)
+            too_large = kmeans_sizes[kmeans_sizes > ccfg.max_size] if ccfg.max_size else kmeans_sizes[:0]
+            covered = int(_members(result.groups, num_classes).any(0).sum())
+            folds = [_caught(build(soft[a], k).groups, soft[b], labels[b]) for a, b in (halves, halves[::-1])]
+            print(f"| {temperature:g} | {k} | {len(cores)} | {len(too_large)} ({int(too_large.sum())}) | {cores[0]} | "
+                  f"{np.median(cores):.0f} | {covered} | {_caught(result.groups, soft, labels):.1%} | "
+                  f"{np.nanmean(folds):.1%} |", flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="mode", required=True)
     p = sub.add_parser("scale")
@@ -227,8 +286,16 @@ def main() -> None:
     p.add_argument("--backend", default="sklearn")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(fn=run_dir)
-    args = parser.parse_args()
-    print(f"$ python benchmarks/bench_clustering.py {' '.join(sys.argv[1:])}\n")
+    p = sub.add_parser("temperatures")
+    p.add_argument("path", help="a run directory whose generalist stage is done")
+    p.add_argument("--config", required=True, help="clustering settings (matrix, sizes, backend) of this config")
+    p.add_argument("--temperatures", type=float, nargs="+", default=[1.0, 2.0, 3.0, 4.0, 6.0])
+    p.add_argument("--k", type=int, nargs="+", default=[40])
+    p.add_argument("--size", type=int, help="grow groups to this size (0: not grown; default: the config's)")
+    p.add_argument("--seed", type=int)
+    p.set_defaults(fn=temperatures)
+    args = parser.parse_args(argv)
+    print(f"$ python benchmarks/bench_clustering.py {' '.join(sys.argv[1:] if argv is None else argv)}\n")
     args.fn(args)
 
 
