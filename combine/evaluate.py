@@ -35,7 +35,7 @@ from combine.kl import kl_combine
 from combine.metrics import SystemTally, table4, top1_correct
 from combine.outputs import Chunk, SplitOutputs
 from combine.report import SPLIT_TEXT, write_report
-from combine.rivals import score_rivals
+from combine.rivals import score_rivals, stale_rivals
 from specdistill.config import CombineConfig, Config, stage_hash
 from specdistill.data import Dataset
 from specdistill.engine import resolve_device
@@ -192,7 +192,10 @@ def run_combine(cfg: Config, force: bool = False) -> CombineResult:
     if not force and is_done(run.root, "combine", config_hash):
         print(f"combine: already done in {run.combine} (config hash {config_hash}). Use --force to redo.")
         result = CombineResult.read(run.combine_eval)
-        if cfg.combine.rivals and result.rivals is None:   # asked for after the fact: the rivals alone
+        stale = stale_rivals(cfg, result.rivals) if cfg.combine.rivals and result.rivals else None
+        if stale:
+            print(f"combine: scoring the rivals again: {stale}")
+        if cfg.combine.rivals and (result.rivals is None or stale):   # asked for after the fact: the rivals alone
             from specdistill.data import load_data
 
             result.rivals = score_rivals(cfg, load_data(cfg.data, cfg.seed), result.specialist_ids)

@@ -2,8 +2,8 @@
 
 ``combine.rivals: true`` trains, beside the ensemble and on the same examples (issue 12):
 
-* **the generalist trained longer** - the run's generalist recipe (same net, seed and schedule,
-  stretched) for its own epochs plus the specialists' training compute in generalist epochs: the
+* **the generalist trained longer** - the run's generalist recipe (same net and seed; schedule and
+  early-stopping patience stretched) for its own epochs plus the specialists' training compute in generalist epochs: the
   training images all specialists processed (``specialists/<id>.json``) over the training split's
   size, rounded, at least one. A specialist is a copy of the generalist's network with a small head,
   so an image costs it what it costs the generalist;
@@ -12,7 +12,8 @@
   more generalist's training, the paper's "ensemble of models" (section 4).
 
 Both are trained by ``generalist/rivals.py`` into their own folders with their own ``done.json``,
-so a rerun of the combine stage reuses them. Their accuracies go into ``combine/eval.json``
+so a rerun of the combine stage reuses them, and scores them again when a folder no longer holds the
+recipe its record names (:func:`stale_rivals`). Their accuracies go into ``combine/eval.json``
 (``rivals``) and the combine report, held-out beside test.
 """
 
@@ -20,12 +21,21 @@ from __future__ import annotations
 
 from typing import Any
 
-from generalist.rivals import ensure_generalists, ensure_longer_generalist, mean_accuracy, specialist_images
+from generalist.rivals import (
+    ensure_generalists,
+    ensure_longer_generalist,
+    generalist_dir,
+    longer_dir,
+    mean_accuracy,
+    specialist_images,
+    stretched,
+)
 from specdistill.artifacts import read_json
-from specdistill.config import Config
+from specdistill.config import Config, stage_hash
 from specdistill.data import Dataset
 from specdistill.errors import SpecdistillError
 from specdistill.formatting import md_table, percent
+from specdistill.provenance import is_done
 from specdistill.rundir import SPLITS, RunDir
 
 
@@ -53,10 +63,30 @@ def score_rivals(cfg: Config, data: Dataset, specialist_ids: list[int], progress
     return {
         "specialist_images": images, "specialist_images_exact": exact, "train_images": len(data.train),
         "longer": {"epochs": epochs, "extra_epochs": extra, "best_epoch": metrics.get("best_epoch"),
+                   "epochs_run": metrics.get("epochs_run"),
+                   "patience": stretched(cfg, epochs).generalist.train.patience,
                    **{split: float(metrics[f"{split}_acc"]) for split in SPLITS}},
         "seeds": {"seeds": seeds,
                   **{split: mean_accuracy(folders, split, data.split(split).labels) for split in SPLITS}},
     }
+
+
+def stale_rivals(cfg: Config, rivals: dict[str, Any]) -> str | None:
+    """Why the stored rivals no longer stand for ``cfg`` (a folder gone or trained for another recipe,
+    e.g. before the patience was stretched), or None."""
+    run = RunDir.of(cfg)
+    epochs = rivals["longer"]["epochs"]
+    folder = longer_dir(cfg, epochs)
+    if folder != run.generalist and not is_done(run.root, folder.name, stage_hash(stretched(cfg, epochs), "generalist"),
+                                                quiet=True):
+        return f"{folder.name}/ is missing or was trained for another recipe"
+    for seed in rivals["seeds"]["seeds"]:
+        folder = generalist_dir(cfg, seed)
+        variant = cfg.model_copy(update={"seed": seed})
+        if folder != run.generalist and not is_done(run.root, folder.name, stage_hash(variant, "generalist"),
+                                                    quiet=True):
+            return f"{folder.name}/ is missing or was trained for another recipe"
+    return None
 
 
 def rival_lines(rivals: dict[str, Any] | None, generalist: dict[str, float], ensemble: dict[str, float],
@@ -70,7 +100,7 @@ def rival_lines(rivals: dict[str, Any] | None, generalist: dict[str, float], ens
     rows = [["Generalist", f"{base} epochs", *(percent(generalist[s], 2) for s in splits)],
             ["Generalist + specialists (this report's ensemble)", f"+ {longer['extra_epochs']} epochs' worth",
              *(percent(ensemble[s], 2) for s in splits)],
-            [f"Generalist trained {longer['epochs']} epochs", f"+ {longer['extra_epochs']} epochs",
+            [f"Generalist trained {longer['epochs']} epochs{_stopping(longer)}", f"+ {longer['extra_epochs']} epochs",
              *(percent(longer[s], 2) for s in splits)],
             [f"Mean of {len(seeds['seeds'])} generalists (seeds {', '.join(map(str, seeds['seeds']))})",
              "+ 1 generalist", *(percent(seeds[s], 2) for s in splits)]]
@@ -83,3 +113,12 @@ def rival_lines(rivals: dict[str, Any] | None, generalist: dict[str, float], ens
             md_table(["System", "Training compute", *(f"{split_names[s].capitalize()} accuracy" for s in splits)],
                      rows, align="ll" + "r" * len(splits)),
             ""]
+
+
+def _stopping(longer: dict[str, Any]) -> str:
+    """How the longer generalist ended: where it stopped early and which epoch's weights it kept."""
+    if not longer.get("patience"):
+        return ""
+    run = longer.get("epochs_run")
+    stopped = f"stopped at epoch {run}, " if run is not None and run < longer["epochs"] else ""
+    return f" ({stopped}best epoch {longer.get('best_epoch')}, early-stopping patience {longer['patience']})"

@@ -823,10 +823,48 @@ def test_rivals_train_the_generalist_longer_and_from_another_seed(tmp_path, monk
     stamps = [path.stat().st_mtime_ns for path in rival_weights]
     run_combine(with_rivals, force=True)
     assert [path.stat().st_mtime_ns for path in rival_weights] == stamps
+    # a rival folder of another recipe (here: its done.json rewritten as if by an older specdistill that
+    # did not stretch the patience) is trained and scored again; the ensemble is not redone
+    marker = run.done("generalist-epochs5")
+    marker.write_text(marker.read_text().replace(read_json(marker)["config_hash"], "0" * 16))
+    capsys.readouterr()
+    done_stamp = run.done("combine").stat().st_mtime_ns
+    run_combine(with_rivals)
+    assert "scoring the rivals again: generalist-epochs5/" in capsys.readouterr().out
+    assert rival_weights[0].stat().st_mtime_ns != stamps[0] and rival_weights[1].stat().st_mtime_ns == stamps[1]
+    assert run.done("combine").stat().st_mtime_ns == done_stamp
+    assert CombineResult.read(run.combine_eval).rivals["longer"]["epochs_run"] == 5
 
     imported = validate_config({**tree, "generalist": {**tree["generalist"], "weights": str(run.generalist_weights)}})
     with pytest.raises(SpecdistillError, match="no recipe to repeat"):
         ensure_longer_generalist(imported, data, 5)
+
+
+def test_the_longer_rival_stretches_early_stopping_with_its_schedule(tmp_path, monkeypatch):
+    """A 20-epoch recipe with patience 4 trained 65 epochs for the rival waits 13 epochs (4 x 65 / 20,
+    rounded up) before it stops: its learning rate stays high for longer. The folder is marked done for
+    that stretched recipe; without patience there is nothing to stretch."""
+    import generalist.train as stage
+    from generalist.rivals import ensure_longer_generalist, stretched, with_epochs
+    from specdistill.config import stage_hash, validate_config
+    from specdistill.provenance import is_done, mark_done
+
+    tree = blocks_tree(tmp_path, epochs=20)
+    tree["generalist"]["train"]["patience"] = 4
+    cfg = validate_config(tree)
+    longer = stretched(cfg, 65)
+    assert (longer.generalist.train.epochs, longer.generalist.train.patience) == (65, 13)
+    assert longer.generalist.train.model_dump(exclude={"epochs", "patience"}) == \
+        cfg.generalist.train.model_dump(exclude={"epochs", "patience"})
+    assert with_epochs(cfg, 65).generalist.train.patience == 4          # adoption compares exact recipes
+    no_patience = validate_config(blocks_tree(tmp_path, epochs=20))
+    assert stretched(no_patience, 65).generalist.train.patience is None
+    mark_done(RunDir.of(cfg).root, "generalist", stage_hash(cfg, "generalist"))
+    trained = []
+    monkeypatch.setattr(stage, "train_generalist", lambda variant, folder, **kw: trained.append(variant))
+    folder = ensure_longer_generalist(cfg, blocks_dataset(), 65, progress=False)
+    assert [v.generalist.train.patience for v in trained] == [13]
+    assert is_done(RunDir.of(cfg).root, folder.name, stage_hash(longer, "generalist"))
 
 
 def blocks_dataset():
