@@ -58,7 +58,8 @@ def _ensure(cfg: Config, variant: Config, folder: Path, dataset: Dataset, seed: 
         if run.done(folder.name).exists():   # finished for another config: start over
             shutil.rmtree(folder)
         train_generalist(variant, folder, seed=seed, dataset=dataset, progress=progress)
-        mark_done(run.root, folder.name, digest, epochs=variant.generalist.train.epochs)
+        mark_done(run.root, folder.name, digest, epochs=variant.generalist.train.epochs,
+                  patience=variant.generalist.train.patience)
     return folder
 
 
@@ -92,17 +93,20 @@ def stretched(cfg: Config, epochs: int) -> Config:
     accuracy plateaus there: hanzi-1k's generalist stretched from 20 to 65 epochs with patience 4 stopped
     at epoch 13 (best epoch 9, 93.5% held-out against the 20-epoch run's 96.7%): not the rival a user
     who trained longer would have."""
-    train = cfg.generalist.train
-    patience = train.patience
-    if patience is not None and epochs > train.epochs:
-        patience = math.ceil(patience * epochs / train.epochs)
-    variant = train.model_copy(update={"epochs": int(epochs), "patience": patience})
-    return cfg.model_copy(update={"generalist": cfg.generalist.model_copy(update={"train": variant})})
+    patience = cfg.generalist.train.patience
+    if patience is not None and epochs > cfg.generalist.train.epochs:
+        patience = math.ceil(patience * epochs / cfg.generalist.train.epochs)
+    return with_epochs(cfg, epochs, patience)
 
 
-def with_epochs(cfg: Config, epochs: int) -> Config:
-    """``cfg`` with its generalist recipe trained for ``epochs`` (the schedule stretched to match)."""
-    train = cfg.generalist.train.model_copy(update={"epochs": int(epochs)})
+_KEEP = object()
+
+
+def with_epochs(cfg: Config, epochs: int, patience: int | None | object = _KEEP) -> Config:
+    """``cfg`` with its generalist recipe trained for ``epochs`` (the schedule stretched to match), and
+    with early stopping's ``patience`` when given."""
+    update = {"epochs": int(epochs)} | ({} if patience is _KEEP else {"patience": patience})
+    train = cfg.generalist.train.model_copy(update=update)
     return cfg.model_copy(update={"generalist": cfg.generalist.model_copy(update={"train": train})})
 
 
@@ -127,7 +131,8 @@ def adopt_rival(cfg: Config) -> bool:
         keep, variant, what = replaced
         shutil.rmtree(keep, ignore_errors=True)
         os.replace(run.generalist, keep)
-        mark_done(run.root, keep.name, stage_hash(variant, "generalist"), epochs=variant.generalist.train.epochs)
+        mark_done(run.root, keep.name, stage_hash(variant, "generalist"), epochs=variant.generalist.train.epochs,
+                  patience=variant.generalist.train.patience)
         print(f"generalist: the generalist it replaces ({what}) is kept as a rival in {keep}")
     else:
         shutil.rmtree(run.generalist, ignore_errors=True)
@@ -140,8 +145,9 @@ def adopt_rival(cfg: Config) -> bool:
 def _replaced_as_rival(cfg: Config, run: RunDir) -> tuple[Path, Config, str] | None:
     """Where the run's finished generalist goes when ``cfg`` differs from its recipe only in the epoch
     count (``generalist-epochs<E>/``) or only in the seed (``generalist-seed<s>/``), with that recipe and
-    a few words; None when it is another recipe. The epochs come from its done.json, or its meta for
-    older runs without early stopping; the seed from its meta."""
+    a few words; None when it is another recipe. The epochs (and the patience it stopped with, which a
+    rival trained longer had stretched) come from its done.json, or its meta for older runs without
+    early stopping; the seed from its meta."""
     try:
         done, meta = read_json(run.done("generalist")), read_json(run.generalist_meta)
     except SpecdistillError:
@@ -150,7 +156,8 @@ def _replaced_as_rival(cfg: Config, run: RunDir) -> tuple[Path, Config, str] | N
     candidates: list[tuple[Path, Config, str]] = []
     for epochs in [done.get("epochs")] + ([metrics.get("epochs_run")] if not metrics.get("stopped_early") else []):
         if isinstance(epochs, int) and epochs > 0 and epochs != cfg.generalist.train.epochs:
-            candidates.append((run.root / f"generalist-epochs{epochs}", with_epochs(cfg, epochs), f"{epochs} epochs"))
+            variant = with_epochs(cfg, epochs, done["patience"]) if "patience" in done else with_epochs(cfg, epochs)
+            candidates.append((run.root / f"generalist-epochs{epochs}", variant, f"{epochs} epochs"))
     seed = meta.get("seed")
     if isinstance(seed, int) and seed != cfg.seed:
         candidates.append((run.generalist_seed(seed), cfg.model_copy(update={"seed": seed}), f"seed {seed}"))

@@ -145,7 +145,8 @@ def run_generalist(cfg: Config, force: bool = False, progress: bool = True) -> d
                 else train_generalist(cfg, out, dataset=dataset, progress=progress))
         how = f"imported {meta['model']['name']} from {meta['imported']['weights']}" if importing else "trained"
     mark_done(run.root, "generalist", digest, test_acc=meta["metrics"]["test_acc"],
-              **({} if importing else {"epochs": cfg.generalist.train.epochs}))
+              **({} if importing else {"epochs": cfg.generalist.train.epochs,
+                                       "patience": cfg.generalist.train.patience}))
     m = meta["metrics"]
     print(f"generalist: {how}; {meta['num_classes']} classes, val accuracy {m['val_acc']:.4f}, "
           f"test accuracy {m['test_acc']:.4f} ({m['seconds']:.0f} s) -> {out}")

@@ -945,3 +945,40 @@ def test_a_config_asking_for_a_rivals_recipe_adopts_it_and_keeps_the_generalist_
     assert "adopted" not in capsys.readouterr().out
     assert digest_file(run.generalist_weights) not in weights.values()
     assert digest_file(RunDir.weights_in(run.root / "generalist-epochs3")) == weights[3]
+
+
+def test_adopting_a_stretched_rival_keeps_the_generalist_it_replaces_and_back(tmp_path, monkeypatch, capsys):
+    """The longer rival has its patience stretched (2 -> 5 epochs: patience 1 -> 3). A config asking for
+    that recipe (epochs 5, patience 3) adopts it, and the 2-epoch generalist of patience 1 is kept as
+    generalist-epochs2/ for its own recipe (its done.json names the patience), so asking for it again
+    trains nothing either way."""
+    import generalist.train as stage
+    from generalist.rivals import ensure_longer_generalist
+    from specdistill.config import stage_hash, validate_config
+    from specdistill.hashing import digest_file
+    from specdistill.provenance import is_done
+
+    data = blocks_dataset()
+    monkeypatch.setattr(stage, "load_data", lambda cfg, seed=0: data)
+    trees = [blocks_tree(tmp_path, epochs) for epochs in (2, 5)]
+    for tree, patience in zip(trees, (1, 3), strict=True):
+        tree["generalist"]["train"]["patience"] = patience
+    two, five = (validate_config(tree) for tree in trees)
+    run = RunDir.of(two)
+    stage.run_generalist(two, progress=False)
+    longer = ensure_longer_generalist(two, data, 5, progress=False)
+    assert is_done(run.root, longer.name, stage_hash(five, "generalist"))
+    weights = {2: digest_file(run.generalist_weights), 5: digest_file(RunDir.weights_in(longer))}
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained a generalist that was already trained")
+
+    monkeypatch.setattr(stage, "train_generalist", no_training)
+    capsys.readouterr()
+    stage.run_generalist(five, progress=False)
+    assert "kept as a rival" in capsys.readouterr().out
+    assert digest_file(run.generalist_weights) == weights[5]
+    assert is_done(run.root, "generalist-epochs2", stage_hash(two, "generalist"))
+    stage.run_generalist(two, progress=False)
+    assert digest_file(run.generalist_weights) == weights[2]
+    assert is_done(run.root, "generalist-epochs5", stage_hash(five, "generalist"))
