@@ -28,16 +28,20 @@ def _one_hot(labels: np.ndarray, wrong: np.ndarray, num_classes: int) -> np.ndar
     return np.log(np.eye(num_classes, dtype=np.float32)[top] * 0.9 + 0.1 / num_classes)
 
 
+def _wrong_masks(labels: np.ndarray, a: slice, b: slice) -> tuple[np.ndarray, np.ndarray]:
+    """Two systems' wrong examples: ``a`` and ``b`` are the rows each gets wrong."""
+    a_wrong, b_wrong = np.zeros(len(labels), bool), np.zeros(len(labels), bool)
+    a_wrong[a], b_wrong[b] = True, True
+    return a_wrong, b_wrong
+
+
 def test_counts_what_only_each_system_gets_right(tmp_path, capsys):
     cfg = load_config(TINY)
     dataset = load_data(cfg.data, cfg.seed)
     k = cfg.data.num_classes
     for split in ("val", "test"):
         labels = np.asarray(dataset.split(split).labels)
-        n = len(labels)
-        a_wrong, b_wrong = np.zeros(n, bool), np.zeros(n, bool)
-        a_wrong[:10] = True            # A misses 10, B misses 3 of those and 30 others
-        b_wrong[7:40] = True
+        a_wrong, b_wrong = _wrong_masks(labels, slice(0, 10), slice(7, 40))   # B misses 3 of A's 10 and 30 others
         np.save(tmp_path / f"a-{split}.npy", _one_hot(labels, a_wrong, k))
         np.save(tmp_path / f"b-{split}.npy", _one_hot(labels, b_wrong, k))
     _script().main([TINY, f"A={tmp_path}/a-{{split}}.npy", f"B={tmp_path}/b-{{split}}.npy"])
@@ -76,9 +80,8 @@ def test_a_sum_of_paths_is_the_mean_of_their_probabilities_and_top_k_files_are_r
     for split in ("val", "test"):
         labels = np.asarray(dataset.split(split).labels)
         n = len(labels)
-        a_wrong, b_wrong = np.zeros(n, bool), np.zeros(n, bool)
-        a_wrong[:20] = True            # unsure and wrong; the other is sure and right there, except on 15..19
-        b_wrong[15:40] = True
+        # unsure and wrong; the other is sure and right there, except on 15..19
+        a_wrong, b_wrong = _wrong_masks(labels, slice(0, 20), slice(15, 40))
         np.save(tmp_path / f"a-{split}.npy", _rows(labels, a_wrong, k))
         write_predictions(tmp_path / "b", split, [_rows(labels, b_wrong, k)], n, k, "topk", 3)
     assert (tmp_path / "b" / "preds-val-topk.npz").exists()
