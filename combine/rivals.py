@@ -24,18 +24,18 @@ from typing import Any
 from generalist.rivals import (
     ensure_generalists,
     ensure_longer_generalist,
-    generalist_dir,
-    longer_dir,
+    longer_rival,
     mean_accuracy,
+    rival_done,
+    seed_rival,
     specialist_images,
     stretched,
 )
 from specdistill.artifacts import read_json
-from specdistill.config import Config, stage_hash
+from specdistill.config import Config
 from specdistill.data import Dataset
 from specdistill.errors import SpecdistillError
 from specdistill.formatting import md_table, percent
-from specdistill.provenance import is_done
 from specdistill.rundir import SPLITS, RunDir
 
 
@@ -74,19 +74,9 @@ def score_rivals(cfg: Config, data: Dataset, specialist_ids: list[int], progress
 def stale_rivals(cfg: Config, rivals: dict[str, Any]) -> str | None:
     """Why the stored rivals no longer stand for ``cfg`` (a folder gone or trained for another recipe,
     e.g. before the patience was stretched), or None."""
-    run = RunDir.of(cfg)
-    epochs = rivals["longer"]["epochs"]
-    folder = longer_dir(cfg, epochs)
-    if folder != run.generalist and not is_done(run.root, folder.name, stage_hash(stretched(cfg, epochs), "generalist"),
-                                                quiet=True):
-        return f"{folder.name}/ is missing or was trained for another recipe"
-    for seed in rivals["seeds"]["seeds"]:
-        folder = generalist_dir(cfg, seed)
-        variant = cfg.model_copy(update={"seed": seed})
-        if folder != run.generalist and not is_done(run.root, folder.name, stage_hash(variant, "generalist"),
-                                                    quiet=True):
-            return f"{folder.name}/ is missing or was trained for another recipe"
-    return None
+    folders = [longer_rival(cfg, rivals["longer"]["epochs"])] + [seed_rival(cfg, s) for s in rivals["seeds"]["seeds"]]
+    stale = [folder for folder, variant in folders if not rival_done(cfg, folder, variant)]
+    return f"{stale[0].name}/ is missing or was trained for another recipe" if stale else None
 
 
 def rival_lines(rivals: dict[str, Any] | None, generalist: dict[str, float], ensemble: dict[str, float],

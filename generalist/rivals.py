@@ -46,19 +46,34 @@ def longer_dir(cfg: Config, epochs: int) -> Path:
     return run.generalist if epochs == cfg.generalist.train.epochs else run.root / f"generalist-epochs{epochs}"
 
 
-def _ensure(cfg: Config, variant: Config, folder: Path, dataset: Dataset, seed: int, progress: bool) -> Path:
+def seed_rival(cfg: Config, seed: int) -> tuple[Path, Config]:
+    """The folder of the generalist recipe from ``seed`` (the run's own for its seed) and that recipe."""
+    return generalist_dir(cfg, seed), cfg.model_copy(update={"seed": seed})
+
+
+def longer_rival(cfg: Config, epochs: int) -> tuple[Path, Config]:
+    """The folder of the generalist recipe trained for ``epochs`` and that recipe (:func:`stretched`)."""
+    return longer_dir(cfg, epochs), stretched(cfg, epochs)
+
+
+def rival_done(cfg: Config, folder: Path, variant: Config, quiet: bool = True) -> bool:
+    """True when ``folder`` holds a generalist finished for ``variant`` (the run's own generalist counts:
+    the generalist stage checks it)."""
+    root = RunDir.of(cfg).root
+    return folder == RunDir.of(cfg).generalist or is_done(root, folder.name, stage_hash(variant, "generalist"),
+                                                          quiet=quiet)
+
+
+def _ensure(cfg: Config, folder: Path, variant: Config, dataset: Dataset, progress: bool) -> Path:
     """Train ``variant``'s generalist into ``folder`` unless it is done there for that config."""
     from generalist.train import train_generalist  # the stage's own code, imported when needed
 
     run = RunDir.of(cfg)
-    if folder == run.generalist:
-        return folder
-    digest = stage_hash(variant, "generalist")
-    if not is_done(run.root, folder.name, digest):
+    if not rival_done(cfg, folder, variant, quiet=False):
         if run.done(folder.name).exists():   # finished for another config: start over
             shutil.rmtree(folder)
-        train_generalist(variant, folder, seed=seed, dataset=dataset, progress=progress)
-        mark_done(run.root, folder.name, digest, epochs=variant.generalist.train.epochs,
+        train_generalist(variant, folder, seed=variant.seed, dataset=dataset, progress=progress)
+        mark_done(run.root, folder.name, stage_hash(variant, "generalist"), epochs=variant.generalist.train.epochs,
                   patience=variant.generalist.train.patience)
     return folder
 
@@ -75,15 +90,14 @@ def _require_recipe(cfg: Config, what: str) -> None:
 def ensure_generalists(cfg: Config, dataset: Dataset, seeds: Sequence[int], progress: bool = True) -> list[Path]:
     """The folder of a generalist per seed, training the missing ones with ``generalist.train``."""
     _require_recipe(cfg, "an ensemble of generalists")
-    return [_ensure(cfg, cfg.model_copy(update={"seed": seed}), generalist_dir(cfg, seed), dataset, seed, progress)
-            for seed in dict.fromkeys(seeds)]
+    return [_ensure(cfg, *seed_rival(cfg, seed), dataset, progress) for seed in dict.fromkeys(seeds)]
 
 
 def ensure_longer_generalist(cfg: Config, dataset: Dataset, epochs: int, progress: bool = True) -> Path:
     """The folder of the run's generalist recipe trained for ``epochs`` instead (same seed, the same
     schedule stretched over the longer run, :func:`stretched`), training it when missing."""
     _require_recipe(cfg, "a generalist trained longer")
-    return _ensure(cfg, stretched(cfg, epochs), longer_dir(cfg, epochs), dataset, cfg.seed, progress)
+    return _ensure(cfg, *longer_rival(cfg, epochs), dataset, progress)
 
 
 def stretched(cfg: Config, epochs: int) -> Config:
@@ -99,14 +113,10 @@ def stretched(cfg: Config, epochs: int) -> Config:
     return with_epochs(cfg, epochs, patience)
 
 
-_KEEP = object()
-
-
-def with_epochs(cfg: Config, epochs: int, patience: int | None | object = _KEEP) -> Config:
-    """``cfg`` with its generalist recipe trained for ``epochs`` (the schedule stretched to match), and
-    with early stopping's ``patience`` when given."""
-    update = {"epochs": int(epochs)} | ({} if patience is _KEEP else {"patience": patience})
-    train = cfg.generalist.train.model_copy(update=update)
+def with_epochs(cfg: Config, epochs: int, patience: int | None) -> Config:
+    """``cfg`` with its generalist recipe trained for ``epochs`` (the schedule stretched to match) and
+    early stopping's ``patience``."""
+    train = cfg.generalist.train.model_copy(update={"epochs": int(epochs), "patience": patience})
     return cfg.model_copy(update={"generalist": cfg.generalist.model_copy(update={"train": train})})
 
 
@@ -156,7 +166,7 @@ def _replaced_as_rival(cfg: Config, run: RunDir) -> tuple[Path, Config, str] | N
     candidates: list[tuple[Path, Config, str]] = []
     for epochs in [done.get("epochs")] + ([metrics.get("epochs_run")] if not metrics.get("stopped_early") else []):
         if isinstance(epochs, int) and epochs > 0 and epochs != cfg.generalist.train.epochs:
-            variant = with_epochs(cfg, epochs, done["patience"]) if "patience" in done else with_epochs(cfg, epochs)
+            variant = with_epochs(cfg, epochs, done.get("patience", cfg.generalist.train.patience))
             candidates.append((run.root / f"generalist-epochs{epochs}", variant, f"{epochs} epochs"))
     seed = meta.get("seed")
     if isinstance(seed, int) and seed != cfg.seed:

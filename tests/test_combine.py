@@ -856,7 +856,7 @@ def test_the_longer_rival_stretches_early_stopping_with_its_schedule(tmp_path, m
     assert (longer.generalist.train.epochs, longer.generalist.train.patience) == (65, 13)
     assert longer.generalist.train.model_dump(exclude={"epochs", "patience"}) == \
         cfg.generalist.train.model_dump(exclude={"epochs", "patience"})
-    assert with_epochs(cfg, 65).generalist.train.patience == 4          # adoption compares exact recipes
+    assert with_epochs(cfg, 65, 4).generalist.train.patience == 4       # adoption compares exact recipes
     no_patience = validate_config(blocks_tree(tmp_path, epochs=20))
     assert stretched(no_patience, 65).generalist.train.patience is None
     mark_done(RunDir.of(cfg).root, "generalist", stage_hash(cfg, "generalist"))
