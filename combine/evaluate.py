@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from typing import Any
 
 import numpy as np
@@ -19,17 +19,11 @@ import torch
 
 from combine.activation import coverage
 from combine.baselines import average_of_distributions, product_of_experts
-from combine.calibration import (
-    GRID,
-    Calibration,
-    apply_temperature,
-    best_temperature,
-    fit_calibration,
-    temperature_nll_sums,
-)
+from combine.calibration import Calibration, apply_temperature
+from combine.choices import combine_chunk, cross_fit, fit_choices
 from combine.diagnose import causes_by_coverage, change_causes
 from combine.ensemble import Ensemble
-from combine.gating import Gate, fit_gate, fit_weights
+from combine.gating import Gate
 from combine.inputs import check_inputs
 from combine.kl import kl_combine
 from combine.metrics import SystemTally, table4, top1_correct
@@ -140,18 +134,6 @@ def evaluate_outputs(outputs: SplitOutputs, rule: CombineConfig, num_core: Seque
     )
 
 
-def combine_chunk(chunk: Chunk, outputs: SplitOutputs, rule: CombineConfig, top_n: int, gate: Gate | None
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, Any]]:
-    """The KL combination of one chunk's rows with the generalist's top-n activation narrowed by ``gate``
-    (and its weights): log q, the active set used, the rule's own active set, the solver's info."""
-    gated = gate is not None and not gate.is_open
-    rule_active = chunk.active(outputs.membership, top_n)
-    active = gate.apply(rule_active, chunk.gen) if gated else rule_active
-    log_q, info = kl_combine(chunk.gen, outputs.groups, chunk.specs, solver=rule.solver, max_iter=rule.max_iter,
-                             tol=rule.tol, active=active, return_info=True, weights=gate.weights if gated else None)
-    return log_q, active, rule_active, info
-
-
 def compared_top_n(rule: CombineConfig) -> list[int]:
     """The top-n activations scored: 1, 2, 3 and the configured one, or that one alone."""
     return sorted({*TOP_N_COMPARED, rule.top_n}) if rule.alternatives else [rule.top_n]
@@ -192,16 +174,9 @@ def run_combine(cfg: Config, force: bool = False) -> CombineResult:
     if not force and is_done(run.root, "combine", config_hash):
         print(f"combine: already done in {run.combine} (config hash {config_hash}). Use --force to redo.")
         result = CombineResult.read(run.combine_eval)
-        stale = stale_rivals(cfg, result.rivals) if cfg.combine.rivals and result.rivals else None
-        if stale:
-            print(f"combine: scoring the rivals again: {stale}")
-        if cfg.combine.rivals and (result.rivals is None or stale):   # asked for after the fact: the rivals alone
-            from specdistill.data import load_data
-
-            result.rivals = score_rivals(cfg, load_data(cfg.data, cfg.seed), result.specialist_ids)
+        if add_after_the_fact(cfg, run, result):
             result.write(run.combine_eval)
             write_report(run, result)
-            print_rivals(result)
         return result
     ensemble, data = load_ensemble_and_data(cfg, run)
     top_ns = compared_top_n(cfg.combine)
@@ -210,22 +185,10 @@ def run_combine(cfg: Config, force: bool = False) -> CombineResult:
         part, forward[split] = data.split(split), {"images": len(data.split(split))}
         outputs[split] = SplitOutputs.from_models(ensemble, part.images, part.labels, top_ns,
                                                   cfg.combine.memory_limit_mb * 2**20, forward[split])
-    if cfg.combine.calibrate:   # temperatures fitted on the held-out split, never on test
-        ensemble.calibration = calibrate(outputs["val"], cfg.combine)
-        for split_outputs in outputs.values():
-            split_outputs.calibration = ensemble.calibration
-    if cfg.combine.gate != "none":   # chosen on the held-out split, applied unchanged to test
-        ensemble.gate = fit_gate(cfg.combine.gate, outputs["val"], cfg.combine)
-    if cfg.combine.weighting == "fitted":   # per-specialist weights, held-out data too, within the gate
-        ensemble.gate = fit_weights(outputs["val"], cfg.combine, ensemble.gate)
-    if cfg.combine.calibrate_ensemble:   # last: the temperature of the combination as configured above
-        if ensemble.calibration.split == "none":
-            ensemble.calibration = replace(ensemble.calibration, split="val")
-        ensemble.calibration.ensemble = fit_ensemble_temperature(outputs["val"], cfg.combine, ensemble.gate)
-        print(f"combine: temperature of the combined distribution on held-out data: "
-              f"{ensemble.calibration.ensemble:.2f}")
-        for split_outputs in outputs.values():
-            split_outputs.calibration = ensemble.calibration
+    # every choice on the held-out split, never on test; applied unchanged to both splits
+    ensemble.calibration, ensemble.gate = fit_choices(outputs["val"], cfg.combine)
+    for split_outputs in outputs.values():
+        split_outputs.calibration = ensemble.calibration
     main, evaluations = ensemble_system(cfg.combine), {}
     run.done("combine").unlink(missing_ok=True)   # files are rewritten from here on: done only at the end
     for split, split_outputs in outputs.items():   # dense where small, else each row's top-k (specdistill.predictions)
@@ -243,6 +206,9 @@ def run_combine(cfg: Config, force: bool = False) -> CombineResult:
                            solver=cfg.combine.solver, ensemble=main,
                            splits=evaluations, specialist_ids=ensemble.ids,
                            gate=None if ensemble.gate.is_open else asdict(ensemble.gate))
+    if cfg.combine.cross_fit:   # the same choices fitted on part of the held-out split, scored on the rest
+        result.cross_fit = cross_fit(outputs["val"], cfg.combine, cfg.combine.cross_fit,
+                                     (ensemble.calibration, ensemble.gate))
     if cfg.combine.rivals:   # the generalist stage's recipe, trained longer and from another seed
         result.rivals = score_rivals(cfg, data, ensemble.ids)
     write_combine(run, result, ensemble)
@@ -251,6 +217,35 @@ def run_combine(cfg: Config, force: bool = False) -> CombineResult:
         print("combine: " + line)
     print_rivals(result)
     return result
+
+
+def add_after_the_fact(cfg: Config, run: RunDir, result: CombineResult) -> bool:
+    """What a finished combine stage is asked for after the fact (options that add records without
+    changing its outputs): the rivals, scored again when their folders hold another recipe, and the
+    cross-fitted held-out check with the stored calibration and gate. True when ``result`` changed."""
+    stale = stale_rivals(cfg, result.rivals) if cfg.combine.rivals and result.rivals else None
+    if stale:
+        print(f"combine: scoring the rivals again: {stale}")
+    rivals = cfg.combine.rivals and (result.rivals is None or stale is not None)
+    folds = cfg.combine.cross_fit
+    crossed = bool(folds) and (result.cross_fit or {}).get("folds") != folds
+    if not (rivals or crossed):
+        return False
+    from specdistill.data import load_data  # looked up at call time: tests swap in their own data
+
+    data = load_data(cfg.data, cfg.seed)
+    if crossed:
+        ensemble, _ = load_ensemble_and_data(cfg, run)
+        M = len(ensemble)
+        calibration = Calibration.read(run.calibration, M) if run.calibration.exists() else Calibration.identity(M)
+        gate = Gate.read(run.gating, M) if run.gating.exists() else Gate.open(M)
+        val = SplitOutputs.from_models(ensemble, data.val.images, data.val.labels, [cfg.combine.top_n],
+                                       cfg.combine.memory_limit_mb * 2**20)
+        result.cross_fit = cross_fit(val, cfg.combine, folds, (calibration, gate))
+    if rivals:
+        result.rivals = score_rivals(cfg, data, result.specialist_ids)
+        print_rivals(result)
+    return True
 
 
 def load_ensemble_and_data(cfg: Config, run: RunDir) -> tuple[Ensemble, Dataset]:
@@ -270,24 +265,6 @@ def load_ensemble_and_data(cfg: Config, run: RunDir) -> tuple[Ensemble, Dataset]
                                    f"{ensemble.num_classes} classes; the run directory was made with other data, "
                                    "use a new one")
     return ensemble, data
-
-
-def calibrate(val: SplitOutputs, rule: CombineConfig) -> Calibration:
-    """Temperatures on the held-out split's outputs."""
-    calibration = fit_calibration(val, rule.top_n)
-    taus = np.array(calibration.specialists) if calibration.specialists else np.ones(1)
-    print(f"combine: temperatures on held-out data: generalist {calibration.generalist:.2f}, specialists "
-          f"median {np.median(taus):.2f} (range {taus.min():.2f}-{taus.max():.2f})")
-    return calibration
-
-
-def fit_ensemble_temperature(val: SplitOutputs, rule: CombineConfig, gate: Gate) -> float:
-    """The temperature of the combined distribution (the configured top-n, gate and weights) with the least
-    held-out NLL, from :data:`combine.calibration.GRID`; a chunk of rows at a time."""
-    sums = torch.zeros(len(GRID), dtype=torch.float64)
-    for chunk in val.chunks("temperature of the combination, held-out"):
-        sums += temperature_nll_sums(combine_chunk(chunk, val, rule, rule.top_n, gate)[0], chunk.labels)
-    return best_temperature(sums, len(val))
 
 
 def write_combine(run: RunDir, result: CombineResult, ensemble: Ensemble) -> None:

@@ -186,6 +186,34 @@ class SplitOutputs:
         """[N, M] the top-n rule over the whole split (N x M bools: small)."""
         return top_n_rule(self.top1, self.top, self.membership, top_n)
 
+    def subset(self, rows: torch.Tensor | np.ndarray) -> SplitOutputs:
+        """The outputs of some rows (sorted example ids), uncalibrated; nothing runs again. A generalist
+        not held whole is computed, when a step reads the subset, on this split's own chunks that hold
+        the rows asked for (one at a time: the same numbers, memory of one chunk)."""
+        rows = torch.as_tensor(np.asarray(rows), dtype=torch.int64)
+        if len(rows) > 1 and not bool((rows[1:] > rows[:-1]).all()):
+            raise ValueError("subset rows must be sorted and distinct")
+        spec_rows, spec_values = [], []
+        for ran, values in zip(self.spec_rows, self.spec_values):
+            kept = torch.isin(ran, rows)
+            spec_rows.append(torch.searchsorted(rows, ran[kept]))
+            spec_values.append(values[kept])
+        gen_rows = None
+        if not self.held_whole:
+            parent, size = self._gen_rows, self.chunk_rows
+
+            def gen_rows(lo: int, hi: int) -> torch.Tensor:
+                wanted, blocks = rows[lo:hi], []
+                for start in torch.unique(wanted // size).tolist():
+                    a = start * size
+                    here = wanted[(wanted >= a) & (wanted < a + size)]
+                    blocks.append(parent(a, min(len(self), a + size))[here - a])
+                return torch.cat(blocks)
+
+        return SplitOutputs(self.num_classes, self.groups, self.labels[rows], self.top1[rows], self.top[rows],
+                            spec_rows, spec_values, gen_whole=self._gen_whole[rows] if self.held_whole else None,
+                            gen_rows=gen_rows, chunk_rows=self.chunk_rows)
+
     def specialist_rows(self, m: int, rows: torch.Tensor) -> torch.Tensor:
         """Specialist m's uncalibrated outputs on ``rows`` (sorted example ids it was run on)."""
         where = torch.searchsorted(self.spec_rows[m], rows)

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, ValidationError, field_validator, model_validator
 
 from specdistill.errors import SpecdistillError
 from specdistill.hashing import digest_json
@@ -237,6 +237,17 @@ class CombineConfig(_Section):
     # generalist trained longer by the specialists' training compute, and a mean of two generalists
     # (seeds s and s+1); on the same examples, in the combine report
     rivals: bool = False
+    # check the held-out choices (calibration, gate, weights) on held-out examples they were not fitted on
+    # (combine/choices.py): fit them again on all but one of F folds of the held-out split, score the fold
+    # left out, F times; in the combine report beside the held-out accuracy. 0: off; hanzi: 3 (one per font)
+    cross_fit: int = Field(0, ge=0)
+
+    @field_validator("cross_fit")
+    @classmethod
+    def _folds(cls, value: int) -> int:
+        if value == 1:
+            raise ValueError("one fold leaves nothing to fit on; use 0 (off) or at least 2 folds")
+        return value
 
 
 class StudentLossConfig(_Section):
@@ -374,7 +385,7 @@ _STAGE_SECTIONS = {
 # ensemble and is added to a finished combine stage without redoing it).
 _VOLATILE = {"ray_address", "num_threads", "num_gpus_per_task", "num_cpus_per_task", "max_retries",
              "eval_batch_size", "cache_dir", "load_data_on_workers", "loader_workers", "workers", "use_gpu",
-             "memory_limit_mb", "rivals"}
+             "memory_limit_mb", "rivals", "cross_fit"}
 # train.workers / use_gpu are among them: the same model, data, global batch, schedule and epochs on
 # more devices; the weights differ only as run-to-run noise does (batch-norm statistics and
 # augmentation draws per worker's share, float reduction order), like num_threads. So a generalist

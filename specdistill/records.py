@@ -170,6 +170,7 @@ class CombineResult:
     specialist_ids: list[int] = field(default_factory=list)
     gate: dict[str, Any] | None = None   # combine.gating.Gate, fitted on the held-out split, when configured
     rivals: dict[str, Any] | None = None   # combine.rivals: compute-matched generalists, when configured
+    cross_fit: dict[str, Any] | None = None   # combine.choices.cross_fit: the held-out check, when configured
 
     def split(self, name: str = "test") -> SplitEvaluation:
         if name not in self.splits:

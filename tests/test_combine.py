@@ -499,41 +499,16 @@ def test_evaluate_predictions_tables_add_up():
 # the stage, end to end on tiny models
 
 
-def test_run_combine_writes_the_run_directory(tmp_path, monkeypatch):
+def test_run_combine_writes_the_run_directory(tiny_combine_run):
     from combine.evaluate import main, run_combine
-    from specdistill import data as data_module
     from specdistill.artifacts import read_npy
-    from specdistill.config import Config, ModelConfig, stage_hash
-    from specdistill.data import Dataset, Split
+    from specdistill.config import Config
     from specdistill.engine import predict_log_probs
-    from specdistill.models import build_model, save_classifier
-    from specdistill.provenance import mark_done
     from specialists.dustbin import specialist_log_probs
 
-    K, size = 6, 8
-    rng = np.random.default_rng(0)
-    test = Split(rng.integers(0, 255, (40, size, size), dtype=np.uint8), rng.integers(0, K, 40))
-    dataset = Dataset("tiny", [f"c{k}" for k in range(K)], test, test, test)
-    monkeypatch.setattr(data_module, "load_data", lambda cfg, seed=0: dataset)
-
-    run = tmp_path / "run"
-    paths = RunDir.at(run)
-    cfg = Config(run_dir=str(run))
-    mcfg = ModelConfig(name="mlp", hidden=[16])
-    meta = {"model": mcfg.model_dump(), "channels": 1, "image_size": size}
-    torch.manual_seed(0)
-    generalist = build_model(mcfg, K, 1, size)
-    save_classifier(paths.generalist_weights, generalist, {**meta, "num_classes": K})
-    mark_done(run, "generalist", stage_hash(cfg, "generalist"))
-    groups, corrections = [[0, 1, 2], [2, 3, 4, 5]], [0.7, -0.3]
-    spec_models = []
-    for m, (classes, corr) in enumerate(zip(groups, corrections)):
-        model = build_model(mcfg, len(classes) + 1, 1, size)
-        save_classifier(paths.specialist_weights(m), model, {**meta, "num_classes": len(classes) + 1})
-        SpecialistInfo(m, classes, [f"c{c}" for c in classes], corr).write(paths.specialist_info(m))
-        spec_models.append(model)
-    mark_done(run, "specialists", stage_hash(cfg, "specialists"), ids=[0, 1])
-
+    t = tiny_combine_run
+    cfg, run, dataset, test, generalist = t.cfg, t.run, t.dataset, t.dataset.test, t.generalist
+    groups, corrections, spec_models = t.groups, t.corrections, t.spec_models
     result = run_combine(cfg)
     out = run / "combine"
     for name in ("eval.json", "report.md", "table4.png", "preds-val.npy", "preds-test.npy", "done.json"):
