@@ -15,6 +15,10 @@ examples: how many only the first system gets right, how many only the other, an
 test on those (``student.report.paired``), the test that the student report uses within one run. The
 runs must share the config's data (same source, classes and splits); a file with another number of
 rows or classes stops with one line.
+
+``--folds F`` adds each system's accuracy per fold: each class's examples in stored order cut into F
+consecutive runs (``combine.choices.fold_ids``, the folds of ``combine.cross_fit``); the glyph
+sources store a split font by font, so with F = 3 on hanzi each fold is one font.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from combine.choices import fold_ids  # noqa: E402
 from specdistill.config import load_config  # noqa: E402
 from specdistill.data import load_data  # noqa: E402
 from specdistill.engine import predict_logits  # noqa: E402
@@ -80,6 +85,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("config", help="the config whose data every system was evaluated on")
     parser.add_argument("systems", nargs="+", help="NAME=PATH; the first is compared with each other")
     parser.add_argument("--batch-size", type=int, default=512)
+    parser.add_argument("--folds", type=int, default=0,
+                        help="also the accuracy per fold (each class's examples cut in stored order; hanzi: 3 = fonts)")
     args = parser.parse_args(argv)
     systems = []
     for item in args.systems:
@@ -90,10 +97,14 @@ def main(argv: list[str] | None = None) -> None:
         systems.append((name, path))
     cfg = load_config(args.config)
     dataset = load_data(cfg.data, cfg.seed)
+    if args.folds == 1 or args.folds < 0:
+        raise SpecdistillError(f"--folds {args.folds}: use 0 (off) or at least 2")
     right: dict[str, dict[str, np.ndarray]] = {name: {} for name, _ in systems}
+    folds: dict[str, np.ndarray] = {}
     for split in SPLITS:
         data = dataset.split(split)
         labels = np.asarray(data.labels)
+        folds[split] = fold_ids(labels, args.folds) if args.folds else np.zeros(len(labels), np.int64)
         for name, path in systems:
             top1 = predictions(name, path, split, data.images, args.batch_size, cfg.data.num_classes)
             right[name][split] = top1 == labels
@@ -112,6 +123,21 @@ def main(argv: list[str] | None = None) -> None:
         for split in SPLITS:
             p = paired(right[first][split], right[name][split])
             cells.append(f"{p['only_student']} / {p['only_rival']} (p = {p['p_value']:.3g})")
+        print(f"| {name} | " + " | ".join(cells) + " |")
+    if args.folds:
+        print_folds(systems, right, folds, args.folds)
+
+
+def print_folds(systems: list[tuple[str, str]], right: dict[str, dict[str, np.ndarray]],
+                folds: dict[str, np.ndarray], count: int) -> None:
+    """Each system's accuracy on each fold of each split (examples per fold in the header)."""
+    heads = [f"{label} fold {f + 1} ({int((folds[s] == f).sum())})"
+             for s, label in SPLITS.items() for f in range(count)]
+    print(f"\nPer fold (each class's examples cut into {count} runs in stored order)\n")
+    print("| System | " + " | ".join(heads) + " |")
+    print("|---|" + "---:|" * len(heads))
+    for name, _ in systems:
+        cells = [f"{right[name][s][folds[s] == f].mean():.2%}" for s in SPLITS for f in range(count)]
         print(f"| {name} | " + " | ".join(cells) + " |")
 
 

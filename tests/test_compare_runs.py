@@ -49,6 +49,16 @@ def test_counts_what_only_each_system_gets_right(tmp_path, capsys):
     n_val = len(dataset.split("val").labels)
     assert f"| A | {1 - 10 / n_val:.2%} |" in out
     assert out.count("| B | 30 / 7 (p = ") == 1 and "p = 0.000" in out.split("| B | 30 / 7")[1]
+    # per fold: A's ten wrong rows are the first of their classes in stored order, so they fall in fold 1
+    from combine.choices import fold_ids
+
+    _script().main([TINY, f"A={tmp_path}/a-{{split}}.npy", f"B={tmp_path}/b-{{split}}.npy", "--folds", "2"])
+    out = capsys.readouterr().out
+    folds = fold_ids(np.asarray(dataset.split("val").labels), 2)
+    wrong_in_first = int((folds[:10] == 0).sum())
+    first = int((folds == 0).sum())
+    assert f"held-out fold 1 ({first})" in out
+    assert f"| A | {1 - wrong_in_first / first:.2%} | {1 - (10 - wrong_in_first) / (n_val - first):.2%} |" in out
 
 
 def test_a_file_of_another_run_size_is_one_line(tmp_path, capsys):
