@@ -231,17 +231,18 @@ def add_after_the_fact(cfg: Config, run: RunDir, result: CombineResult) -> bool:
     crossed = bool(folds) and (result.cross_fit or {}).get("folds") != folds
     if not (rivals or crossed):
         return False
-    from specdistill.data import load_data  # looked up at call time: tests swap in their own data
-
-    data = load_data(cfg.data, cfg.seed)
     if crossed:
-        ensemble, _ = load_ensemble_and_data(cfg, run)
+        ensemble, data = load_ensemble_and_data(cfg, run)
         M = len(ensemble)
         calibration = Calibration.read(run.calibration, M) if run.calibration.exists() else Calibration.identity(M)
         gate = Gate.read(run.gating, M) if run.gating.exists() else Gate.open(M)
         val = SplitOutputs.from_models(ensemble, data.val.images, data.val.labels, [cfg.combine.top_n],
                                        cfg.combine.memory_limit_mb * 2**20)
         result.cross_fit = cross_fit(val, cfg.combine, folds, (calibration, gate))
+    else:
+        from specdistill.data import load_data  # looked up at call time: tests swap in their own data
+
+        data = load_data(cfg.data, cfg.seed)
     if rivals:
         result.rivals = score_rivals(cfg, data, result.specialist_ids)
         print_rivals(result)
