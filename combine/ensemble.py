@@ -55,6 +55,14 @@ class Ensemble:
         self._stacked: StackedSpecialists | None = None
         self._stackable: bool | None = None
 
+    def read_choices(self, run: RunDir, rule: CombineConfig) -> None:
+        """Set :attr:`calibration` and :attr:`gate` from the records the combine stage wrote for ``rule``
+        (``combine/calibration.json``, ``combine/gating.json``), each checked against the specialist count."""
+        if rule.calibrate or rule.calibrate_ensemble:
+            self.calibration = Calibration.read(run.calibration, len(self))
+        if rule.gate != "none" or rule.weighting != "equal":
+            self.gate = Gate.read(run.gating, len(self))
+
     @classmethod
     def load(cls, run: RunDir, device: torch.device | str = "cpu", batch_size: int = 512) -> Ensemble:
         """The finished generalist and specialists of ``run``, checked against each other; the caller

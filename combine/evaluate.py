@@ -19,7 +19,7 @@ import torch
 
 from combine.activation import coverage
 from combine.baselines import average_of_distributions, product_of_experts
-from combine.calibration import Calibration, apply_temperature
+from combine.calibration import apply_temperature
 from combine.choices import combine_chunk, cross_fit, fit_choices
 from combine.diagnose import causes_by_coverage, change_causes
 from combine.ensemble import Ensemble
@@ -233,12 +233,10 @@ def add_after_the_fact(cfg: Config, run: RunDir, result: CombineResult) -> bool:
         return False
     if crossed:
         ensemble, data = load_ensemble_and_data(cfg, run)
-        M = len(ensemble)
-        calibration = Calibration.read(run.calibration, M) if run.calibration.exists() else Calibration.identity(M)
-        gate = Gate.read(run.gating, M) if run.gating.exists() else Gate.open(M)
+        ensemble.read_choices(run, cfg.combine)
         val = SplitOutputs.from_models(ensemble, data.val.images, data.val.labels, [cfg.combine.top_n],
                                        cfg.combine.memory_limit_mb * 2**20)
-        result.cross_fit = cross_fit(val, cfg.combine, folds, (calibration, gate))
+        result.cross_fit = cross_fit(val, cfg.combine, folds, (ensemble.calibration, ensemble.gate))
     else:
         from specdistill.data import load_data  # looked up at call time: tests swap in their own data
 

@@ -59,9 +59,14 @@ def longer_rival(cfg: Config, epochs: int) -> tuple[Path, Config]:
 def rival_done(cfg: Config, folder: Path, variant: Config, quiet: bool = True) -> bool:
     """True when ``folder`` holds a generalist finished for ``variant`` (the run's own generalist counts:
     the generalist stage checks it)."""
-    root = RunDir.of(cfg).root
-    return folder == RunDir.of(cfg).generalist or is_done(root, folder.name, stage_hash(variant, "generalist"),
-                                                          quiet=quiet)
+    run = RunDir.of(cfg)
+    return folder == run.generalist or is_done(run.root, folder.name, stage_hash(variant, "generalist"), quiet=quiet)
+
+
+def recipe_fields(cfg: Config) -> dict:
+    """What a generalist's done.json says of the recipe that trained it: the epochs and early stopping's
+    patience (:func:`adopt_rival` reads them back to name the rival it becomes)."""
+    return {"epochs": cfg.generalist.train.epochs, "patience": cfg.generalist.train.patience}
 
 
 def _ensure(cfg: Config, folder: Path, variant: Config, dataset: Dataset, progress: bool) -> Path:
@@ -73,8 +78,7 @@ def _ensure(cfg: Config, folder: Path, variant: Config, dataset: Dataset, progre
         if run.done(folder.name).exists():   # finished for another config: start over
             shutil.rmtree(folder)
         train_generalist(variant, folder, seed=variant.seed, dataset=dataset, progress=progress)
-        mark_done(run.root, folder.name, stage_hash(variant, "generalist"), epochs=variant.generalist.train.epochs,
-                  patience=variant.generalist.train.patience)
+        mark_done(run.root, folder.name, stage_hash(variant, "generalist"), **recipe_fields(variant))
     return folder
 
 
@@ -141,8 +145,7 @@ def adopt_rival(cfg: Config) -> bool:
         keep, variant, what = replaced
         shutil.rmtree(keep, ignore_errors=True)
         os.replace(run.generalist, keep)
-        mark_done(run.root, keep.name, stage_hash(variant, "generalist"), epochs=variant.generalist.train.epochs,
-                  patience=variant.generalist.train.patience)
+        mark_done(run.root, keep.name, stage_hash(variant, "generalist"), **recipe_fields(variant))
         print(f"generalist: the generalist it replaces ({what}) is kept as a rival in {keep}")
     else:
         shutil.rmtree(run.generalist, ignore_errors=True)

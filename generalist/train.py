@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from generalist.importing import import_generalist, imports, library_net, weights_digest
-from generalist.rivals import adopt_rival
+from generalist.rivals import adopt_rival, recipe_fields
 from specdistill.artifacts import read_json, write_json, write_npy
 from specdistill.cli import config_from_args, prepare_run_dir, setup_environment, stage_parser
 from specdistill.config import Config, ModelConfig, stage_hash
@@ -145,8 +145,7 @@ def run_generalist(cfg: Config, force: bool = False, progress: bool = True) -> d
                 else train_generalist(cfg, out, dataset=dataset, progress=progress))
         how = f"imported {meta['model']['name']} from {meta['imported']['weights']}" if importing else "trained"
     mark_done(run.root, "generalist", digest, test_acc=meta["metrics"]["test_acc"],
-              **({} if importing else {"epochs": cfg.generalist.train.epochs,
-                                       "patience": cfg.generalist.train.patience}))
+              **({} if importing else recipe_fields(cfg)))
     m = meta["metrics"]
     print(f"generalist: {how}; {meta['num_classes']} classes, val accuracy {m['val_acc']:.4f}, "
           f"test accuracy {m['test_acc']:.4f} ({m['seconds']:.0f} s) -> {out}")

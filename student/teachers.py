@@ -92,18 +92,13 @@ def ensemble_teacher(cfg: Config, dataset: Dataset, device: torch.device, batch_
 
 def loaded_ensemble(cfg: Config, dataset: Dataset, device: torch.device, batch_size: int = 512) -> Any:
     """The combine stage's :class:`combine.ensemble.Ensemble` with its held-out calibration and gate."""
-    from combine.calibration import Calibration  # earlier stages: allowed, imported lazily
-    from combine.ensemble import Ensemble
-    from combine.gating import Gate
+    from combine.ensemble import Ensemble  # an earlier stage: allowed, imported lazily
 
     run = RunDir.of(cfg)
     require_done(run.root, "combine", stage_hash(cfg, "combine"))
     ensemble = Ensemble.load(run, device, batch_size)
     check_class_count(ensemble.num_classes, dataset, "generalist")
-    if cfg.combine.calibrate or cfg.combine.calibrate_ensemble:
-        ensemble.calibration = Calibration.read(run.calibration, len(ensemble))
-    if cfg.combine.gate != "none" or cfg.combine.weighting != "equal":
-        ensemble.gate = Gate.read(run.gating, len(ensemble))
+    ensemble.read_choices(run, cfg.combine)
     return ensemble
 
 
